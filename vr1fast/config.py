@@ -1,0 +1,388 @@
+"""One dataclass tree for every knob of vr1fast; presets are functions.
+
+Each stage gets only its own section (``cfg.video`` for frame sampling, ``cfg.reward`` for T-GRPO rewards, ...):
+no stage reads another stage's config. Every Video-R1 constant lives here, with the value of Video-R1's code as
+the default, so ``Config()`` *is* the Video-R1 setting and presets only change what they name.
+
+Overrides come from a YAML file and from ``--section.key=value`` arguments; an unknown section or key, or a value
+that does not parse to the field's type, raises :class:`ConfigError` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+IMAGE_FACTOR = 28  # patch 14 x merge 2: every resized side is a multiple of this
+
+
+class ConfigError(ValueError):
+    """A bad config value, unknown key or unreadable config file; the message names it."""
+
+
+@dataclass
+class VideoConfig:
+    """Frame sampling and per-frame resize (qwen-vl-utils as vendored by Video-R1, training settings)."""
+
+    fps: float = 2.0                      # sampling rate when no explicit frame count is given
+    min_frames: int = 4                   # FPS_MIN_FRAMES
+    max_frames: int = 16                  # FPS_MAX_FRAMES (eval: 16/32/64)
+    frame_factor: int = 2                 # frame count floored to a multiple of this (temporal patch)
+    nframes: Optional[int] = None         # fixed frame count (rounded to frame_factor); overrides fps
+    min_pixels: int = 128 * 28 * 28       # VIDEO_MIN_PIXELS
+    max_pixels: int = 128 * 28 * 28       # VIDEO_MAX_PIXELS (eval: 256*28*28)
+    total_pixels: int = int(128000 * 28 * 28 * 0.9)  # VIDEO_TOTAL_PIXELS
+    image_min_pixels: int = 4 * 28 * 28   # MIN_PIXELS for images
+    image_max_pixels: int = 256 * 28 * 28  # MAX_PIXELS for images
+    max_ratio: float = 200.0              # smart_resize rejects more extreme aspect ratios
+    backend: Literal["auto", "decord", "pyav"] = "auto"  # CPU decoder; auto = decord if importable else PyAV
+    decode_timeout_s: float = 120.0       # a decode that takes longer is a MediaError, never a hang
+
+
+@dataclass
+class DataConfig:
+    """Where the records and media are, and what to do with bad ones."""
+
+    path: Optional[str] = None            # JSON list or JSONL in the Video-R1 schema; None = synthetic set
+    media_root: Optional[str] = None      # record paths ("./CLEVRER/...") are relative to this; None = file's dir
+    skip_bad: bool = False                # True: malformed records / broken media are counted and skipped
+    shuffle: bool = True                  # random sampler, as HF Trainer's default
+    frame_shuffle: Literal["frame", "pair"] = "frame"  # Video-R1 permutes single frames; "pair" keeps 2-frame groups
+    synthetic_dir: str = "runs/synthetic"  # where the embedded default set is generated
+    synthetic_size: int = 24
+    synthetic_seed: int = 0
+    eval_mode: bool = False               # eval prompt variant
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None            # local HF checkpoint dir; None = the tiny random Qwen2.5-VL
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = False
+    tiny_seed: int = 0                    # init seed of the tiny model
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "fast"] = "hf"  # hf = HF generate as Video-R1 calls it (the baseline)
+    num_generations: int = 8              # G ordered completions per prompt
+    num_shuffled: int = 4                 # completions on the shuffled video (Video-R1: G // 2); 0 disables
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 768
+    max_prompt_length: int = 16384
+
+
+@dataclass
+class RewardConfig:
+    """T-GRPO rewards: accuracy (+temporal bonus) + format + length."""
+
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")
+    correct_threshold: float = 0.1        # accuracy > this counts as correct (temporal and length rules)
+    temporal: bool = True
+    temporal_rule: Literal["code", "strict", "diff"] = "code"
+    # code: mean(acc) >= mu * mean(acc_shuf) -> +alpha (Video-R1's code, mu=0.8)
+    # strict: the paper's p > p~ (mu = 1.0, strict >); diff: +alpha * (p - p~) when p > p~
+    temporal_mu: float = 0.8
+    temporal_alpha: float = 0.3
+    len_control: bool = True
+    len_bonus: float = 0.2                # omega
+    len_min: int = 320
+    len_max: int = 512
+    len_min_correct: int = 2              # the bonus needs at least this many correct completions in the group
+    adv_eps: float = 1e-4
+
+
+@dataclass
+class LossConfig:
+    """Keyword arguments of ``kernels.grpo_loss`` / ``linear_grpo_loss`` (TRL names)."""
+
+    beta: float = 0.04
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: Optional[float] = None         # two-sided clip of the ratio (TRL's delta), None = off
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    kl_clamp: Optional[float] = 10.0      # clamp of (ref - logp) inside k3; None = no clamp
+    num_iterations: int = 1               # updates per rollout (1 = on-policy, Video-R1)
+    impl: Literal["auto", "reference", "triton"] = "auto"
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        return dict(beta=self.beta, loss_type=self.loss_type, epsilon_low=self.epsilon_low,
+                    epsilon_high=self.epsilon_high, delta=self.delta,
+                    importance_sampling_level=self.importance_sampling_level, kl_clamp=self.kl_clamp)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0                    # 0 = one epoch over the data
+    prompts_per_rank: int = 1             # Video-R1 runs 1
+    grad_accum: int = 1
+    seed: int = 42
+    output_dir: str = "runs/vr1fast"
+    bf16: bool = True                     # autocast where a GPU exists
+    resume: str = "none"                  # none | auto | <checkpoint dir>
+    save_every: int = 100
+    log_every: int = 1
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"  # auto: DDP if world > 1
+    deepspeed_config: Optional[str] = None  # a Video-R1-style zero2.json / zero3.json
+    zero_stage: int = 3                     # used when deepspeed_config is None
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass
+class MetricsConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "vr1fast"
+    plot: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "videor1"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def videor1() -> Config:
+    """Video-R1's RL settings (7B, 16 frames at 128*28*28, G=8+4, 768 tokens, lr 1e-6 cosine)."""
+    return Config(preset="videor1")
+
+
+def eval_video(frames: int = 32) -> VideoConfig:
+    """Video-R1's evaluation frame settings: 256*28*28 max pixels per frame, 16/32/64 frames."""
+    return VideoConfig(max_frames=frames, max_pixels=256 * 28 * 28)
+
+
+def demo() -> Config:
+    """The embedded default: synthetic temporal video-QA, the tiny model, a short CPU run."""
+    cfg = Config(preset="demo")
+    cfg.video = VideoConfig(max_frames=8, min_pixels=8 * 28 * 28, max_pixels=8 * 28 * 28)
+    cfg.rollout = RolloutConfig(num_generations=4, num_shuffled=2, max_new_tokens=48)
+    cfg.reward = RewardConfig(len_min=8, len_max=32)
+    cfg.optim = OptimConfig(lr=1e-4, warmup_steps=2)
+    cfg.train = TrainConfig(max_steps=12, prompts_per_rank=2, output_dir="runs/demo", save_every=6)
+    cfg.model = ModelConfig(gradient_checkpointing=False)
+    return cfg
+
+
+PRESETS = {"demo": demo, "videor1": videor1}
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str, tp: Any, where: str) -> Any:
+    """Parse a CLI string into the field type ``tp`` (YAML syntax: 1e-6, true, null, [0.9, 0.95])."""
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: cannot parse {text!r}: {e}") from None
+    return _coerce(value, tp, where)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def set_value(cfg: Config, dotted: str, value: Any, *, from_text: bool) -> None:
+    """Set ``section.key`` (or a top-level key) on ``cfg``; unknown names raise ConfigError."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for i, name in enumerate(parts):
+        hints = _hints(type(node))
+        if name not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (known here: {known})")
+        if i == len(parts) - 1:
+            tp = hints[name]
+            if dataclasses.is_dataclass(getattr(node, name)):
+                raise ConfigError(f"{dotted!r} is a section; set its keys, e.g. --{dotted}.<key>=...")
+            parsed = _parse_value(value, tp, dotted) if from_text else _coerce(value, tp, dotted)
+            setattr(node, name, parsed)
+        else:
+            node = getattr(node, name)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is a value, not a section")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_yaml(cfg: Config, path: str | Path) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    data.pop("preset", None)
+    for key, value in _flatten(data):
+        set_value(cfg, key, value, from_text=False)
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    """``[--preset NAME] [--config FILE] [--section.key=value ...]`` → a validated Config.
+
+    Order: preset (default ``demo``; a YAML file may name one), then the YAML file, then CLI overrides.
+    """
+    argv = list(argv or [])
+    preset, config_file, overrides = None, None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{arg} needs a value (--{key}=VALUE)")
+            value, i = argv[i + 1], i + 1
+        if key == "preset":
+            preset = value
+        elif key == "config":
+            config_file = value
+        else:
+            overrides.append((key, value))
+        i += 1
+    if preset is None and config_file:
+        p = Path(config_file)
+        raw = yaml.safe_load(p.read_text()) if p.is_file() else None
+        preset = raw.get("preset") if isinstance(raw, dict) else None
+    name = preset or "demo"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[name]()
+    if config_file:
+        load_yaml(cfg, config_file)
+    for key, value in overrides:
+        set_value(cfg, key, value, from_text=True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks a type cannot express; raises ConfigError naming the field."""
+    checks = [
+        (cfg.rollout.num_generations >= 2, "rollout.num_generations must be >= 2 (group std needs two samples)"),
+        (cfg.rollout.num_shuffled >= 0, "rollout.num_shuffled must be >= 0"),
+        (0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]"),
+        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0"),
+        (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (cfg.video.min_frames >= 1 and cfg.video.max_frames >= cfg.video.min_frames,
+         "video.max_frames must be >= video.min_frames >= 1"),
+        (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),
+        (cfg.video.fps > 0, "video.fps must be > 0"),
+        (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
+        (cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0"),
+        (cfg.train.prompts_per_rank >= 1, "train.prompts_per_rank must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
+        (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
+        (cfg.dist.zero_stage in (2, 3), "dist.zero_stage must be 2 or 3"),
+        (cfg.reward.len_min <= cfg.reward.len_max, "reward.len_min must be <= reward.len_max"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    unknown = set(cfg.reward.reward_funcs) - {"accuracy", "format"}
+    if unknown:
+        raise ConfigError(f"reward.reward_funcs: unknown reward function(s) {sorted(unknown)}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
