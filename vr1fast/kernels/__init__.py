@@ -1,1 +1,69 @@
+"""Public kernel API: log-probs and the GRPO loss, dispatched to Triton or to the pure-torch reference.
 
+Which implementation runs (per call, from the first tensor argument and ``VR1FAST_IMPL``):
+  * ``VR1FAST_IMPL=reference`` → ``kernels/reference.py`` everywhere;
+  * ``VR1FAST_IMPL=triton``    → the Triton kernel everywhere (on CPU tensors only under ``TRITON_INTERPRET=1``,
+    as the tests run it); a function with no Triton kernel raises;
+  * unset / ``auto``           → Triton for CUDA tensors when a kernel is registered, else the reference.
+The maths, shapes and cfg keys of every function are in ``reference.py``'s docstring.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from vr1fast.kernels import reference
+from vr1fast.kernels.reference import grpo_loss_from_logprobs
+
+IMPLS = ("auto", "reference", "triton")
+
+# public name -> module holding its Triton implementation under the same name (imported on first use).
+TRITON: dict[str, str] = {}
+
+
+def implementation(name: str, impl: Optional[str] = None, device: Optional[str] = None) -> Callable:
+    """The function that implements ``name`` for ``impl`` (default: ``$VR1FAST_IMPL`` or auto) on ``device``."""
+    impl = impl or os.environ.get("VR1FAST_IMPL") or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"VR1FAST_IMPL / impl {impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        impl = "triton" if device == "cuda" and name in TRITON else "reference"
+    if impl == "reference":
+        return getattr(reference, name)
+    if name not in TRITON:
+        raise NotImplementedError(f"vr1fast.kernels.{name} has no Triton implementation")
+    return getattr(importlib.import_module(TRITON[name]), name)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, return_entropy: bool = False):
+    """fp32 log softmax(logits / T) at ``index`` (and entropy): logits [..., V], index [...]."""
+    fn = implementation("selective_log_softmax", device=logits.device.type)
+    return fn(logits, index, temperature, return_entropy)
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False):
+    """Log-probs (and entropy) of ``index`` under softmax(hidden @ weight.T / T) without N×V logits."""
+    fn = implementation("linear_logprobs", device=hidden.device.type)
+    return fn(hidden, weight, index, temperature, return_entropy)
+
+
+def grpo_loss(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
+              ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None, **cfg):
+    """GRPO loss on logits [B, T, V] → (loss, metrics)."""
+    fn = implementation("grpo_loss", device=logits.device.type)
+    return fn(logits, index, mask, advantages, ref_logprobs, old_logprobs, **cfg)
+
+
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
+                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None, **cfg):
+    """GRPO loss on hidden [B, T, H] through the LM head weight [V, H] → (loss, metrics)."""
+    fn = implementation("linear_grpo_loss", device=hidden.device.type)
+    return fn(hidden, weight, index, mask, advantages, ref_logprobs, old_logprobs, **cfg)
+
+
+__all__ = ["selective_log_softmax", "linear_logprobs", "grpo_loss", "linear_grpo_loss", "grpo_loss_from_logprobs",
+           "implementation", "TRITON"]

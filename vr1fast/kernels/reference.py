@@ -1,0 +1,216 @@
+"""Pure-torch references for the log-prob and GRPO-loss kernels: the specification every Triton kernel matches.
+
+Log-probs (one token; z its logits [V], y its target id, T the sampling temperature, s = z / T):
+    logp    = s_y - lse(s)                                  lse(s) = log Σ_v exp(s_v)
+    entropy = lse(s) - Σ_v p_v s_v                          p = softmax(s)
+Math runs in fp32 (fp64 for fp64 input) whatever the logits dtype; outputs are fp32 (fp64 for fp64 input).
+Deviation from TRL/Video-R1: they run log_softmax in bf16 on bf16 logits (≈4e-3 error); fp32 math is exact-er.
+
+GRPO loss on per-token log-probs ℓ [B,T], mask m [B,T], advantages A [B] (TRL ``_compute_loss`` semantics):
+    r       = ℓ - ℓ_old, with ℓ_old = sg(ℓ) when old_logprobs is None (on-policy: ratio exp(ℓ - sg ℓ) ≡ 1 in value,
+              gradient that of ℓ: exactly Video-R1's μ=1 loss)
+    log w   = r (token level) | Σ_t r·m / max(Σ_t m, 1) per sequence (sequence level, GSPO)
+    w1      = min(exp(log w), δ) if delta else exp(log w);   w2 = clamp(exp(log w), 1-ε_low, 1+ε_high)
+    k3      = e^x - x - 1,  x = clamp(ℓ_ref - ℓ, -c, c) with c = kl_clamp (Video-R1: 10), x = ℓ_ref - ℓ when None (TRL)
+    L       = -min(w1·A, w2·A) + β·k3
+Aggregation (n_i = Σ_t m_it):
+    grpo    mean_i[ Σ_t L·m / max(n_i, 1) ]      Video-R1 divides by n_i unclamped; n_i ≥ 1 for every real
+                                                 completion, so the clamp (TRL's) only turns an all-masked row's
+                                                 0/0 = NaN into a row that contributes 0 (it still counts in B)
+    bnpo    Σ L·m / max(Σ n_i, 1)
+    dr_grpo Σ L·m / (B · max_completion_length)
+    dapo    Σ L·m / num_items; num_items = TRL's num_items_in_batch / num_processes (active tokens of the whole
+            generation batch per process), default the active tokens of this batch, Σ n_i (clamped to ≥ 1)
+Metrics (detached 0-dim tensors, masked means over all active tokens as TRL logs them): ``kl`` (mean k3, only when
+ref_logprobs is given), ``ratio`` (mean exp(log w)), ``clip_low`` (w < 1-ε_low and A < 0), ``clip_high``
+(w > 1+ε_high and A > 0), ``clip_region`` (either).
+
+Shapes: logits [B,T,V]; hidden [B,T,H]; weight [V,H]; index, mask, ref/old log-probs [B,T]; advantages [B].
+The log-prob functions also take any leading shape ([..., V] / [..., H] with index [...]).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
+# Defaults = Video-R1's loss (LossConfig's defaults); every key of **cfg.
+DEFAULTS = dict(beta=0.04, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, delta=None,
+                importance_sampling_level="token", kl_clamp=10.0, temperature=1.0, max_completion_length=None,
+                num_items=None)
+# linear_logprobs materialises at most this many logits at once (rows per chunk = CHUNK_ELEMENTS // V).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0,
+                          return_entropy: bool = False):
+    """log softmax(logits / T) gathered at ``index``: logits [..., V], index [...] → fp32 log-probs [...].
+
+    With ``return_entropy`` also the entropy of softmax(logits / T) per row: ``(logp, entropy)``.
+    """
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(f"selective_log_softmax: index shape {tuple(index.shape)} does not match logits "
+                         f"{tuple(logits.shape)} without the vocab dim")
+    s = logits.to(_compute_dtype(logits.dtype)) / temperature
+    lse = torch.logsumexp(s, dim=-1)
+    logp = s.gather(-1, index.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not return_entropy:
+        return logp
+    entropy = lse - (torch.softmax(s, dim=-1) * s).sum(-1)
+    return logp, entropy
+
+
+def _head_chunk(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """One chunk of rows: logits = hidden @ weight.T in the inputs' dtype (as the model's lm_head), fp32 after."""
+    return selective_log_softmax(hidden @ weight.T, index, temperature, return_entropy=True)
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False, *, chunk_size: Optional[int] = None):
+    """Log-probs (and entropy) of ``index`` under softmax(hidden @ weight.T / T), never holding N×V logits.
+
+    hidden [..., H], weight [V, H], index [...] → fp32 log-probs [...] (fp64 for fp64 input). Rows are processed in
+    chunks of ``chunk_size`` (default CHUNK_ELEMENTS // V); with autograd each chunk is checkpointed, so backward
+    recomputes that chunk's logits (8NHV in all, like the fused kernel) and peak memory stays one chunk of logits.
+    The GEMM runs in the inputs' dtype like the model's lm_head; pass fp32/fp64 inputs for an exact reference.
+    """
+    if hidden.shape[:-1] != index.shape or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"linear_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and index "
+                         f"{tuple(index.shape)} do not fit ([..., H], [V, H], [...])")
+    rows = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    h = hidden.reshape(-1, hidden.shape[-1])
+    idx = index.reshape(-1)
+    track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    logps, entropies = [], []
+    for start in range(0, max(h.shape[0], 1), rows):
+        args = (h[start:start + rows], weight, idx[start:start + rows], temperature)
+        logp, entropy = checkpoint(_head_chunk, *args, use_reentrant=False) if track else _head_chunk(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    logp = torch.cat(logps).reshape(index.shape)
+    if not return_entropy:
+        return logp
+    return logp, torch.cat(entropies).reshape(index.shape)
+
+
+# ---------------------------------------------------------------- GRPO loss
+
+
+def _check_cfg(cfg: dict) -> dict:
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"grpo_loss: unknown option(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["loss_type"] not in LOSS_TYPES:
+        raise ValueError(f"grpo_loss: loss_type {cfg['loss_type']!r} is not one of {LOSS_TYPES}")
+    if cfg["importance_sampling_level"] not in IS_LEVELS:
+        raise ValueError(f"grpo_loss: importance_sampling_level {cfg['importance_sampling_level']!r} "
+                         f"is not one of {IS_LEVELS}")
+    if cfg["loss_type"] == "dr_grpo" and not cfg["max_completion_length"]:
+        raise ValueError("grpo_loss: loss_type 'dr_grpo' needs max_completion_length")
+    return cfg
+
+
+def _check_shapes(logprobs: Tensor, mask: Tensor, advantages: Tensor, ref: Optional[Tensor],
+                  old: Optional[Tensor]) -> None:
+    if logprobs.dim() != 2:
+        raise ValueError(f"grpo_loss: per-token log-probs must be [B, T], got {tuple(logprobs.shape)}")
+    named = {"mask": mask, "ref_logprobs": ref, "old_logprobs": old}
+    for name, t in named.items():
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"grpo_loss: {name} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)}")
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"grpo_loss: advantages has shape {tuple(advantages.shape)}, "
+                         f"expected ({logprobs.shape[0]},)")
+
+
+def k3(logprobs: Tensor, ref_logprobs: Tensor, kl_clamp: Optional[float]) -> Tensor:
+    """Per-token k3 KL estimate e^x - x - 1, x = ref - ℓ clamped to ±kl_clamp (no clamp when None)."""
+    x = ref_logprobs - logprobs
+    if kl_clamp is not None:
+        x = x.clamp(-kl_clamp, kl_clamp)
+    return torch.exp(x) - x - 1
+
+
+def _aggregate(per_token: Tensor, m: Tensor, loss_type: str, max_completion_length: Optional[int],
+               num_items) -> Tensor:
+    total = per_token * m
+    if loss_type == "grpo":
+        return (total.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return total.sum() / m.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total.sum() / (m.shape[0] * max_completion_length)
+    normaliser = m.sum().clamp(min=1) if num_items is None else num_items
+    return total.sum() / normaliser
+
+
+def grpo_loss_from_logprobs(logprobs: Tensor, mask: Tensor, advantages: Tensor,
+                            ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
+                            **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss and metrics on per-token log-probs ℓ [B, T] (module docstring has the maths and cfg keys).
+
+    ``temperature`` is accepted and ignored here (it only matters where logits become log-probs).
+    """
+    cfg = _check_cfg(cfg)
+    _check_shapes(logprobs, mask, advantages, ref_logprobs, old_logprobs)
+    if cfg["beta"] != 0 and ref_logprobs is None:
+        raise ValueError("grpo_loss: beta != 0 needs ref_logprobs")
+    lp = logprobs
+    m = mask.to(lp.dtype)
+    adv = advantages.to(lp.dtype).unsqueeze(-1)
+    old = lp.detach() if old_logprobs is None else old_logprobs.to(lp.dtype)
+    log_w = lp - old
+    if cfg["importance_sampling_level"] == "sequence":
+        log_w = (log_w * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    w = torch.exp(log_w)
+    lo, hi = 1 - cfg["epsilon_low"], 1 + cfg["epsilon_high"]
+    w1 = w if cfg["delta"] is None else w.clamp(max=cfg["delta"])
+    per_token = -torch.minimum(w1 * adv, w.clamp(lo, hi) * adv).expand_as(lp)
+    kl = None
+    if ref_logprobs is not None:
+        kl = k3(lp, ref_logprobs.to(lp.dtype), cfg["kl_clamp"])
+        if cfg["beta"] != 0:
+            per_token = per_token + cfg["beta"] * kl
+    loss = _aggregate(per_token, m, cfg["loss_type"], cfg["max_completion_length"], cfg["num_items"])
+    return loss, _metrics(w.detach(), adv, m, lo, hi, kl)
+
+
+def _metrics(w: Tensor, adv: Tensor, m: Tensor, lo: float, hi: float, kl: Optional[Tensor]) -> dict[str, Tensor]:
+    count = m.sum().clamp(min=1)
+
+    def mean(x: Tensor) -> Tensor:
+        return (x.to(m.dtype).expand_as(m) * m).sum() / count
+
+    low, high = (w < lo) & (adv < 0), (w > hi) & (adv > 0)
+    out = {"ratio": mean(w), "clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(low | high)}
+    if kl is not None:
+        out["kl"] = mean(kl.detach())
+    return out
+
+
+def grpo_loss(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
+              ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
+              **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss on logits [B, T, V] (tempered by cfg ``temperature``): (loss, metrics); see module docstring."""
+    logp = selective_log_softmax(logits, index, cfg.get("temperature", DEFAULTS["temperature"]))
+    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
+
+
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
+                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
+                     **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss on hidden [B, T, H] through the LM head weight [V, H], chunked (see ``linear_logprobs``)."""
+    logp = linear_logprobs(hidden, weight, index, cfg.get("temperature", DEFAULTS["temperature"]))
+    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
