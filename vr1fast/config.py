@@ -54,6 +54,8 @@ class DataConfig:
     skip_bad: bool = False                # True: malformed records / broken media are counted and skipped
     shuffle: bool = True                  # random sampler, as HF Trainer's default
     frame_shuffle: Literal["frame", "pair"] = "frame"  # Video-R1 permutes single frames; "pair" keeps 2-frame groups
+    shuffle_allow_identity: bool = False  # Video-R1's randperm can return the identity (1/T!); we re-draw
+    second_per_grid_ts: float = 1.0       # M-RoPE seconds per temporal patch; Video-R1 training never passes fps
     synthetic_dir: str = "runs/synthetic"  # where the embedded default set is generated
     synthetic_size: int = 24
     synthetic_seed: int = 0
@@ -252,6 +254,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -298,16 +305,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def load_yaml(cfg: Config, path: str | Path) -> None:
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return data
+
+
+def load_yaml(cfg: Config, path: str | Path) -> None:
+    data = _read_yaml(path)
     data.pop("preset", None)
     for key, value in _flatten(data):
         set_value(cfg, key, value, from_text=False)
@@ -338,9 +350,7 @@ def parse_args(argv: list[str] | None) -> Config:
             overrides.append((key, value))
         i += 1
     if preset is None and config_file:
-        p = Path(config_file)
-        raw = yaml.safe_load(p.read_text()) if p.is_file() else None
-        preset = raw.get("preset") if isinstance(raw, dict) else None
+        preset = _read_yaml(config_file).get("preset")
     name = preset or "demo"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
