@@ -1,0 +1,129 @@
+"""Step metrics → progress bar, JSONL, TensorBoard, optional W&B; a PNG plot at the end.
+
+Metric names follow Video-R1's trainer (``reward``, ``reward_std``, ``rewards/accuracy_reward``,
+``rewards/format_reward``, ``temporal_rewards``, ``completion_length``, ``kl``, ``all_wrong``, ``all_correct``) plus
+``loss``, ``grad_norm``, ``learning_rate`` and ``time/<stage>_s`` for each stage of the step. One JSON object per
+line of ``<output_dir>/metrics.jsonl``: ``{"step": n, ...}``. Only rank 0 writes; other ranks get a logger whose
+methods do nothing, so callers never branch on the rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from vr1fast.config import ConfigError, MetricsConfig
+
+PLOT_PANELS = (
+    ("reward parts", ("reward", "rewards/accuracy_reward", "rewards/format_reward")),
+    ("temporal reward (1 = bonus fired, 0.5 = image prompt)", ("temporal_rewards",)),
+    ("completion length (tokens)", ("completion_length",)),
+)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (a resumed run re-logs the steps after its checkpoint)."""
+    rows = [r for r in read_jsonl(path) if r["step"] <= step] if path.is_file() else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Metrics:
+    """``log(step, values)`` after every step; ``close()`` at the end writes the plot."""
+
+    def __init__(self, cfg: MetricsConfig, out_dir: str | Path, *, total_steps: int, start_step: int = 0,
+                 enabled: bool = True, run_config: Optional[dict] = None):
+        self.cfg, self.enabled = cfg, enabled
+        self.out_dir = Path(out_dir)
+        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        self.plot_path = self.out_dir / "metrics.png"
+        self._jsonl = self._tb = self._wandb = self._bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.jsonl:
+            _keep_until(self.jsonl_path, start_step)
+            self._jsonl = open(self.jsonl_path, "a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("metrics.wandb=true needs the wandb package (pip install wandb)") from None
+            self._wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(self.out_dir),
+                                     resume="allow")
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for key, value in row.items():
+                if key != "step" and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb:
+            self._wandb.log(row, step=step)
+        if self._bar:
+            self._bar.update(1)
+            self._bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}",
+                                  loss=f"{row.get('loss', float('nan')):.4f}", refresh=False)
+
+    def write(self, message: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> Optional[Path]:
+        """Flush and close every sink; write the PNG plot (returns its path when written)."""
+        if not self.enabled:
+            return None
+        for sink in (self._bar, self._jsonl, self._tb):
+            if sink:
+                sink.close()
+        if self._wandb:
+            self._wandb.finish()
+        if self.cfg.plot and self.cfg.jsonl and self.jsonl_path.is_file():
+            return plot_metrics(self.jsonl_path, self.plot_path)
+        return None
+
+
+def plot_metrics(jsonl_path: str | Path, png_path: str | Path) -> Path:
+    """One panel per entry of ``PLOT_PANELS`` (reward parts, temporal reward, completion length) against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(jsonl_path)
+    fig, axes = plt.subplots(len(PLOT_PANELS), 1, figsize=(7, 2.6 * len(PLOT_PANELS)), sharex=True)
+    for ax, (title, keys) in zip(axes, PLOT_PANELS):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=key)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
