@@ -1,0 +1,196 @@
+"""T-GRPO reward assembly and group-normalised advantages (Video-R1 ``grpo_trainer.py::compute_loss``).
+
+For one prompt with G ordered completions (accuracy ``a``, format ``f``, token length ``n``) and, for a video,
+S shuffled completions (accuracy ``ã``); ``c_i = a_i > correct_threshold`` (0.1):
+
+* temporal bonus ``t_i`` (video prompts, ``cfg.temporal``), with p = mean(a), p̃ = mean(ã) in float32:
+    - ``code``   (Video-R1's code): ``t_i = α·c_i`` if p >= μ·p̃ (μ = 0.8, α = 0.3)
+    - ``strict`` (the paper):       ``t_i = α·c_i`` if p > p̃ (μ is not used)
+    - ``diff``:                     ``t_i = α·(p − p̃)·c_i`` if p > p̃ (μ is not used)
+  The logged flag is 1.0 when the condition held, 0.0 when not, 0.5 for prompts without a shuffled group.
+* length bonus ``l_i = ω·c_i·[l_min <= n_i <= l_max]`` (ω = 0.2, 320..512 inclusive), only when at least
+  ``len_min_correct`` (2) completions of the group are correct. ``c_i`` uses the raw accuracy, never ``a + t``.
+  ``n_i`` counts tokens up to and including the first EOS (:func:`completion_lengths`); no EOS means the full length.
+* total ``r_i = (a_i + t_i) + f_i + l_i``, summed in float32 in that order, as Video-R1 does.
+* advantage ``A_i = (r_i − mean_G r) / (std_G r + eps)``, unbiased std, eps = 1e-4.
+
+Beyond Video-R1 (which runs one prompt per rank): :func:`score_batch` scores several prompts, images and videos
+mixed, each group on its own, with the same numbers as Video-R1 would give each prompt alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from vr1fast.config import RewardConfig
+from vr1fast.rl.rewards import format_reward, try_accuracy_reward
+
+NO_SHUFFLE_FLAG = 0.5  # Video-R1 logs temporal_rewards = 0.5 for prompts without a shuffled group
+MAX_KEPT_ERRORS = 5
+
+
+def completion_lengths(completion_ids: torch.Tensor, eos_token_id: Union[int, Sequence[int]]) -> torch.Tensor:
+    """[N, L] token ids → int64 [N]: tokens up to and including the first EOS, or L when there is none."""
+    eos = torch.as_tensor(eos_token_id, device=completion_ids.device).reshape(-1)
+    is_eos = torch.isin(completion_ids, eos)
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))
+    return first.to(torch.int64)
+
+
+def temporal_bonus(accuracy: torch.Tensor, shuffled_accuracy: Optional[torch.Tensor],
+                   cfg: RewardConfig) -> tuple[torch.Tensor, float]:
+    """(float32 [G] bonus added to the accuracy, logged flag 1.0 / 0.0 / 0.5), per the module docstring."""
+    acc = accuracy.to(torch.float32)
+    if shuffled_accuracy is None or not cfg.temporal:
+        return torch.zeros_like(acc), NO_SHUFFLE_FLAG
+    if shuffled_accuracy.numel() == 0:
+        raise ValueError("shuffled_accuracy is empty; pass None for prompts without shuffled completions")
+    p = acc.mean()
+    p_shuffled = shuffled_accuracy.to(torch.float32).mean()
+    if cfg.temporal_rule == "code":
+        fired, amount = bool(p >= cfg.temporal_mu * p_shuffled), torch.tensor(cfg.temporal_alpha)
+    elif cfg.temporal_rule == "strict":
+        fired, amount = bool(p > p_shuffled), torch.tensor(cfg.temporal_alpha)
+    elif cfg.temporal_rule == "diff":
+        fired, amount = bool(p > p_shuffled), cfg.temporal_alpha * (p - p_shuffled)
+    else:
+        raise ValueError(f"reward.temporal_rule: unknown rule {cfg.temporal_rule!r} (code | strict | diff)")
+    if not fired:
+        return torch.zeros_like(acc), 0.0
+    correct = acc > cfg.correct_threshold
+    return torch.where(correct, amount.to(acc), torch.zeros_like(acc)), 1.0
+
+
+def length_bonus(accuracy: torch.Tensor, lengths: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
+    """float32 [G]: ω for correct completions with l_min <= length <= l_max, if >= len_min_correct are correct."""
+    acc = accuracy.to(torch.float32)
+    correct = acc > cfg.correct_threshold
+    if not cfg.len_control or int(correct.sum()) < cfg.len_min_correct:
+        return torch.zeros_like(acc)
+    lengths = lengths.to(acc.device)
+    in_range = (lengths >= cfg.len_min) & (lengths <= cfg.len_max)
+    return torch.where(correct & in_range, torch.tensor(cfg.len_bonus).to(acc), torch.zeros_like(acc))
+
+
+def _group_total(accuracy, format, lengths, shuffled_accuracy, cfg) -> tuple[torch.Tensor, float]:
+    if "accuracy" not in cfg.reward_funcs:
+        raise ValueError("reward.reward_funcs must contain 'accuracy' (the temporal and length rules read it)")
+    if not (accuracy.dim() == 1 and accuracy.shape == format.shape == lengths.shape):
+        raise ValueError(f"accuracy, format and lengths must be 1-D of one length, got "
+                         f"{tuple(accuracy.shape)}, {tuple(format.shape)}, {tuple(lengths.shape)}")
+    acc = accuracy.to(torch.float32)
+    bonus, flag = temporal_bonus(acc, shuffled_accuracy, cfg)
+    total = acc + bonus
+    if "format" in cfg.reward_funcs:
+        total = total + format.to(total)
+    return total + length_bonus(acc, lengths, cfg), flag
+
+
+def total_rewards(accuracy: torch.Tensor, format: torch.Tensor, lengths: torch.Tensor,
+                  shuffled_accuracy: Optional[torch.Tensor] = None,
+                  cfg: Optional[RewardConfig] = None) -> torch.Tensor:
+    """float32 [G] total rewards of one group: (accuracy + temporal) + format + length (module docstring).
+
+    ``accuracy``/``format``/``lengths`` are [G]; ``shuffled_accuracy`` is [S] for a video prompt, None for an image
+    prompt (no temporal bonus). ``cfg`` None = Video-R1's defaults.
+    """
+    return _group_total(accuracy, format, lengths, shuffled_accuracy, cfg or RewardConfig())[0]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """[B*G] prompt-major rewards → [B*G] advantages (r − mean_G) / (std_G + eps), unbiased std per group."""
+    if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size >= 2 elements, got shape "
+                         f"{tuple(rewards.shape)} and group_size {group_size}")
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+@dataclass(frozen=True)
+class BatchRewards:
+    """Rewards of B prompts × G ordered completions (prompt-major, flat [B*G]); all tensors float32 but lengths."""
+
+    accuracy: torch.Tensor     # [B*G] raw accuracy reward (no temporal bonus)
+    format: torch.Tensor       # [B*G] format reward
+    lengths: torch.Tensor      # [B*G] int64, tokens up to and including the first EOS
+    total: torch.Tensor        # [B*G] (accuracy + temporal) + format + length
+    advantages: torch.Tensor   # [B*G] group-normalised total
+    temporal: torch.Tensor     # [B] 1.0 bonus fired / 0.0 not / 0.5 no shuffled group (image, or temporal off)
+    group_std: torch.Tensor    # [B] unbiased std of each group's total
+    group_size: int
+    exceptions: int            # accuracy rewards that raised (scored 0.0), ordered and shuffled completions
+    errors: tuple[str, ...]    # the first few of those exceptions, "problem_type: ErrorType: message"
+    log_temporal: bool         # Video-R1 logs temporal_rewards only when temporal is on
+    log_format: bool           # "format" in reward_funcs
+
+    def metrics(self) -> dict[str, float]:
+        """Video-R1's logged names: means over the batch; all_wrong/all_correct are fractions of groups."""
+        grouped = self.total.view(-1, self.group_size)
+        out = {
+            "completion_length": self.lengths.float().mean().item(),
+            "rewards/accuracy_reward": self.accuracy.mean().item(),
+        }
+        if self.log_format:
+            out["rewards/format_reward"] = self.format.mean().item()
+        out["all_wrong"] = (grouped <= 1).all(dim=1).float().mean().item()
+        out["all_correct"] = (grouped >= 2).all(dim=1).float().mean().item()
+        if self.log_temporal:
+            out["temporal_rewards"] = self.temporal.mean().item()
+        out["reward"] = self.total.mean().item()
+        out["reward_std"] = self.group_std.mean().item()
+        out["reward_exceptions"] = float(self.exceptions)
+        return out
+
+
+def _accuracies(completions, solution, problem_type, errors: list[str]) -> torch.Tensor:
+    values = []
+    for completion in completions:
+        value, error = try_accuracy_reward(completion, solution, problem_type)
+        values.append(value)
+        if error is not None:
+            errors.append(error)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def score_batch(completions: Sequence[str], lengths: Union[torch.Tensor, Sequence[int]],
+                solutions: Sequence[str], problem_types: Sequence[str],
+                shuffled: Optional[Sequence[Optional[Sequence[str]]]] = None,
+                cfg: Optional[RewardConfig] = None) -> BatchRewards:
+    """Score B groups: ``completions``/``lengths`` [B*G] prompt-major (decoded without special tokens),
+    ``solutions``/``problem_types`` [B], ``shuffled[b]`` the decoded shuffled completions of prompt b or None
+    (image prompt; ``shuffled=None`` means none at all). Returns per-completion rewards and advantages."""
+    cfg = cfg or RewardConfig()
+    num_prompts = len(solutions)
+    if num_prompts == 0 or len(problem_types) != num_prompts or len(completions) % num_prompts:
+        raise ValueError(f"{len(completions)} completions, {num_prompts} solutions and {len(problem_types)} "
+                         f"problem types do not form whole groups")
+    shuffled = list(shuffled) if shuffled is not None else [None] * num_prompts
+    if len(shuffled) != num_prompts:
+        raise ValueError(f"shuffled has {len(shuffled)} entries for {num_prompts} prompts")
+    group = len(completions) // num_prompts
+    lengths = torch.as_tensor(lengths, dtype=torch.int64).reshape(-1)
+    if lengths.numel() != len(completions):
+        raise ValueError(f"{lengths.numel()} lengths for {len(completions)} completions")
+    errors: list[str] = []
+    accuracy = torch.empty(len(completions), dtype=torch.float32)
+    fmt = torch.tensor([format_reward(c) for c in completions], dtype=torch.float32)
+    total = torch.empty_like(accuracy)
+    flags = torch.empty(num_prompts, dtype=torch.float32)
+    for b in range(num_prompts):
+        rows = slice(b * group, (b + 1) * group)
+        accuracy[rows] = _accuracies(completions[rows], solutions[b], problem_types[b], errors)
+        shuffled_acc = None
+        if shuffled[b] is not None and cfg.temporal:
+            shuffled_acc = _accuracies(shuffled[b], solutions[b], problem_types[b], errors)
+        total[rows], flags[b] = _group_total(accuracy[rows], fmt[rows], lengths[rows], shuffled_acc, cfg)
+    return BatchRewards(
+        accuracy=accuracy, format=fmt, lengths=lengths, total=total,
+        advantages=group_advantages(total, group, cfg.adv_eps),
+        temporal=flags, group_std=total.view(-1, group).std(dim=1), group_size=group,
+        exceptions=len(errors), errors=tuple(errors[:MAX_KEPT_ERRORS]),
+        log_temporal=cfg.temporal, log_format="format" in cfg.reward_funcs,
+    )
