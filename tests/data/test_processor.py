@@ -2,10 +2,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import Qwen2VLImageProcessorPil
 
 from vr1fast.data.processor import build_prompt_batch, image_to_patches, video_to_patches
-from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
+from vr1fast.model.load import tiny_model
+from vr1fast.model.tokenizer import token_ids
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
@@ -20,24 +21,18 @@ def conversation(question, kind):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
+def model_and_tok():
+    return tiny_model(0)
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    ids = token_ids(tok)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=MODEL_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-                         **ids.text_config_kwargs()),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
-                           fullatt_block_indexes=[1], tokens_per_second=2),
-        **ids.config_kwargs())
-    torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+def tok(model_and_tok):
+    return model_and_tok[1]
+
+
+@pytest.fixture(scope="module")
+def model(model_and_tok):
+    return model_and_tok[0].eval()
 
 
 def test_video_layout_matches_closed_form_gather():

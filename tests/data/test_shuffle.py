@@ -3,11 +3,11 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
 from vr1fast.data.processor import video_to_patches
 from vr1fast.data.shuffle import build_shuffle_pair, pair_permutation, shuffle_frames
-from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
+from vr1fast.model.load import tiny_model
+from vr1fast.model.tokenizer import build_tiny_tokenizer
 
 
 def frames_u8(t, h, w, seed=0):
@@ -29,17 +29,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def rope_model(tok):
-    """A tiny Qwen2.5-VL backbone: only its get_rope_index (config: merge 2, tokens_per_second 2) is used."""
-    ids = token_ids(tok)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=MODEL_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-                         **ids.text_config_kwargs()),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=32,
-                           spatial_merge_size=2, tokens_per_second=2),
-        **ids.config_kwargs())
-    return Qwen2_5_VLModel(cfg)
+    """The tiny Qwen2.5-VL backbone: only its get_rope_index (merge 2, tokens_per_second 2) is used."""
+    return tiny_model(0, tokenizer=tok)[0].model
 
 
 def test_frame_shuffle_is_a_seeded_non_identity_permutation():
