@@ -79,6 +79,7 @@ class RolloutConfig:
     num_shuffled: int = 4                 # completions on the shuffled video (Video-R1: G // 2); 0 disables
     temperature: float = 1.0
     top_p: float = 0.95
+    top_k: int = 50                       # Video-R1's GenerationConfig left transformers 4.x's default 50; 0 = off
     max_new_tokens: int = 768
     max_prompt_length: int = 16384
 
@@ -370,6 +371,7 @@ def validate(cfg: Config) -> None:
         (cfg.rollout.num_shuffled >= 0, "rollout.num_shuffled must be >= 0"),
         (0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0"),
+        (cfg.rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (cfg.video.min_frames >= 1 and cfg.video.max_frames >= cfg.video.min_frames,
          "video.max_frames must be >= video.min_frames >= 1"),
