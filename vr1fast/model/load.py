@@ -1,0 +1,181 @@
+"""Qwen2.5-VL models: a real checkpoint from a local folder, the tiny random model, and the frozen reference.
+
+- ``load_model(path)``: ``Qwen2_5_VLForConditionalGeneration`` + its tokenizer from a local HF folder (no hub).
+  The HF processor is not loaded: its video half needs torchvision, which has no CPU build that works beside
+  transformers; pixels come from ``vr1fast.data.processor`` with the patch sizes of ``model.config.vision_config``
+  (patch 14, temporal patch 2, merge 2 for every Qwen2.5-VL size).
+- ``tiny_model(seed)``: the same architecture at toy size (about 0.3M parameters): text hidden 64, 2 layers,
+  4 heads of dim 16 (2 KV heads), M-RoPE sections [2, 3, 3] (sum = head_dim / 2); vision depth 2, hidden 32,
+  ``out_hidden_size`` = 64 = text hidden, window attention on block 0 and full attention on block 1 as in
+  Qwen2.5-VL. Embeddings are **untied** (``lm_head.weight`` is its own parameter) as in Qwen2.5-VL-7B (3B ties
+  them). Token ids come from ``vr1fast.model.tokenizer``; the vocabulary is padded to a multiple of 64 like
+  Qwen's (151,665 tokens in 152,064 rows). Its ``generation_config`` mirrors Qwen2.5-VL-Instruct's special
+  tokens (eos = [<|im_end|>, <|endoftext|>], pad = bos = <|endoftext|>).
+- ``reference_model(policy_or_path, beta)``: the frozen initial policy for the k3 KL term (Video-R1 loads a
+  second copy of the starting checkpoint and never updates it); ``None`` when β = 0.
+
+dtype "auto" is bf16 on CUDA (Video-R1 trains in bf16) and fp32 on CPU; attention "auto" is FlashAttention-2
+when ``flash_attn`` is importable and the device is CUDA (as Video-R1's scripts set), SDPA otherwise.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig
+from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
+
+from vr1fast.config import ModelConfig
+from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
+
+TINY_TEXT = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                   temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
+                   tokens_per_second=2, in_channels=3)
+
+DtypeLike = Union[str, torch.dtype]
+
+
+def resolve_dtype(dtype: DtypeLike, device: Optional[Union[str, torch.device]] = None) -> torch.dtype:
+    """``"auto"`` → bf16 on CUDA, fp32 elsewhere; a name ("bfloat16") or a torch dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ValueError(f"model dtype: unknown dtype {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def resolve_attn(attn_implementation: str, device: Optional[Union[str, torch.device]] = None) -> str:
+    """``"auto"`` → ``flash_attention_2`` when flash-attn is importable on a CUDA device, else ``sdpa``."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    on_cuda = torch.device(device or "cpu").type == "cuda"
+    return "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def tiny_config(tokenizer, vocab_size: int = MODEL_VOCAB_SIZE, init_std: float = 0.02) -> Qwen2_5_VLConfig:
+    """The tiny Qwen2.5-VL config with the token ids of ``tokenizer`` (see the module docstring for sizes).
+
+    ``init_std`` is the normal-init std of every weight (Qwen's ``initializer_range`` 0.02); tests use a larger
+    one for peaked, position-sensitive logits.
+    """
+    ids = token_ids(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"tiny_config: vocab_size {vocab_size} < tokenizer size {len(tokenizer)}")
+    text = dict(TINY_TEXT, vocab_size=vocab_size, initializer_range=init_std, **ids.text_config_kwargs())
+    vision = dict(TINY_VISION, initializer_range=init_std)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            initializer_range=init_std, **ids.config_kwargs())
+
+
+def _generation_config(tokenizer) -> GenerationConfig:
+    ids = token_ids(tokenizer)
+    return GenerationConfig(bos_token_id=ids.pad, eos_token_id=[ids.eos, ids.pad], pad_token_id=ids.pad)
+
+
+def tiny_model(seed: int = 0, *, dtype: DtypeLike = torch.float32, attn_implementation: str = "sdpa",
+               device: Optional[Union[str, torch.device]] = None, tokenizer=None, init_std: float = 0.02):
+    """A randomly initialised tiny Qwen2.5-VL and its tokenizer: ``(model, tokenizer)``.
+
+    The weights depend only on ``seed`` (drawn on CPU in fp32 under a forked RNG, so the global RNG is left
+    alone), then the model is cast to ``dtype`` and moved to ``device``.
+    """
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    config = tiny_config(tokenizer, init_std=init_std)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = QwenVL._from_config(config, attn_implementation=resolve_attn(attn_implementation, device),
+                                    dtype=torch.float32)
+    model.generation_config = _generation_config(tokenizer)
+    model.to(device=device or "cpu", dtype=resolve_dtype(dtype, device))
+    return model, tokenizer
+
+
+def save_tiny(out_dir: Union[str, Path], seed: int = 0) -> Path:
+    """Write the tiny model and tokenizer as an HF folder (safetensors, config, tokenizer, chat template)."""
+    out = Path(out_dir)
+    model, tokenizer = tiny_model(seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implementation: str = "auto",
+               device: Optional[Union[str, torch.device]] = None):
+    """``(model, tokenizer)`` from a local Qwen2.5-VL checkpoint folder (offline; nothing is downloaded)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path}: no config.json (expected a local HF Qwen2.5-VL folder)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type != "qwen2_5_vl":
+        raise ValueError(f"model path {path}: model_type {config.model_type!r} is not qwen2_5_vl")
+    model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
+                                   attn_implementation=resolve_attn(attn_implementation, device))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.to(device or "cpu"), tokenizer
+
+
+def build_model(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = None):
+    """The policy named by ``cfg`` (tiny when ``cfg.path`` is None) with the training switches applied.
+
+    Gradient checkpointing uses ``use_reentrant=False`` (as Video-R1's SFT; its RL trainer uses HF's default);
+    ``freeze_vision`` stops gradients into the vision tower.
+    """
+    if cfg.path is None:
+        model, tokenizer = tiny_model(cfg.tiny_seed, dtype=resolve_dtype(cfg.dtype, device),
+                                      attn_implementation=cfg.attn_implementation, device=device)
+    else:
+        model, tokenizer = load_model(cfg.path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                      device=device)
+    if cfg.gradient_checkpointing:
+        set_checkpointing(model, True)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    return model, tokenizer
+
+
+def set_checkpointing(model, enable: bool) -> None:
+    """Activation (gradient) checkpointing on the decoder and vision blocks, ``use_reentrant=False``.
+
+    Recent transformers 5 releases name it ``activation_checkpointing_*``, older ones ``gradient_checkpointing_*``.
+    """
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if enable:
+        getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
+
+
+def is_checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, no checkpointing: a module used only under ``torch.no_grad``."""
+    if is_checkpointing(model):
+        set_checkpointing(model, False)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def reference_model(source: Union[nn.Module, str, Path], *, beta: float, dtype: DtypeLike = "auto",
+                    attn_implementation: str = "auto", device: Optional[Union[str, torch.device]] = None):
+    """The frozen reference policy for the KL term, or ``None`` when ``beta == 0`` (nothing is built).
+
+    ``source`` is the policy itself (deep-copied: build the reference before wrapping the policy in
+    DDP/FSDP/DeepSpeed) or a checkpoint folder (loaded again, as Video-R1 does).
+    """
+    if beta == 0:
+        return None
+    if isinstance(source, nn.Module):
+        return freeze(copy.deepcopy(source))
+    return freeze(load_model(source, dtype=dtype, attn_implementation=attn_implementation, device=device)[0])
