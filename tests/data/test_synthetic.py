@@ -5,6 +5,7 @@ not read back from the generator.
 """
 import hashlib
 import json
+import os
 import re
 from collections import deque
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vr1fast.data.dataset import load_records
 from vr1fast.data.synthetic import KINDS, PALETTE, generate_synthetic
 
 N = 16  # two records of every kind
@@ -116,13 +118,12 @@ def test_schema_and_types(synth, records):
         assert answer(s) in s["process"] or s["problem_type"] == "free-form"
 
 
-def test_loader_accepts_records(synth):
-    dataset = pytest.importorskip("vr1fast.data.dataset")
-    load = getattr(dataset, "load_records", None)
-    if load is None:
-        pytest.skip("vr1fast.data.dataset has no load_records yet")
-    samples = load(synth.rl_json)
-    assert len(samples) == N
+def test_loader_accepts_records(synth, records):
+    rl = load_records(synth.rl_json)
+    sft = load_records(synth.sft_json, require_process=True)
+    assert len(rl) == len(sft) == N and rl.skipped == 0
+    for sample, rec in zip(rl, records):
+        assert sample.answer == answer(rec) and os.path.samefile(sample.path, synth.root / rec["path"])
 
 
 def test_videos_are_h264(synth, records):

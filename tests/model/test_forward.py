@@ -43,7 +43,8 @@ def samples(tmp_path_factory):
 
 def batch_of(tok, picks):
     """picks: (sample, frames) pairs → model inputs of a left-padded PromptBatch."""
-    return build_prompt_batch(tok, [build_messages(s) for s, _ in picks], [media(s, f) for s, f in picks]).model_inputs()
+    messages, media_list = [build_messages(s) for s, _ in picks], [media(s, f) for s, f in picks]
+    return build_prompt_batch(tok, messages, media_list).model_inputs()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,8 @@ def test_gradients_equal_reference(model_tok, mixed):
     ids, mask = completions(mixed, tok.pad_token_id, seed=2)
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3)) * mask
     params = [model.lm_head.weight, model.model.visual.blocks[0].mlp.up_proj.weight,
-              model.model.language_model.embed_tokens.weight, model.model.language_model.layers[1].self_attn.q_proj.weight]
+              model.model.language_model.embed_tokens.weight,
+              model.model.language_model.layers[1].self_attn.q_proj.weight]
     grads = []
     for fn in (fast_logprobs, lambda m, b, i, k: completion_logprobs_reference(m, b, i, k, num_samples=G)):
         loss = (fn(model, mixed, ids, mask) * weights).sum()

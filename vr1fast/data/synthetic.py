@@ -164,8 +164,9 @@ def _first_colour(rng, T, H, W) -> _Item:
         y = int(rng.integers(0, H - s + 1))
         _rect(video[_slot_frames(T, slot, SLOTS)], x, y, s, s, PALETTE[colour])
     options, letter = _mc(rng, c1, list(PALETTE))
-    think = (f"Hmm, the last frame shows both a {c1} and a {c2} square, so one frame alone cannot tell the order. Looking at "
-             f"the frames in order, the {c1} square is there before the {c2} one appears. The answer is {letter}.")
+    think = (f"Hmm, the last frame shows both a {c1} and a {c2} square, so one frame alone cannot tell the order. "
+             f"Looking at the frames in order, the {c1} square is there before the {c2} one appears. "
+             f"The answer is {letter}.")
     return _Item(video, "Two squares appear one after the other and both stay. Which colour appears first?",
                  "multiple choice", letter, options, think)
 
