@@ -1,0 +1,391 @@
+"""Process groups, rank helpers, seeding, and the three ways of wrapping the policy; rank logic lives here only.
+
+Launch with ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; multi-node goes through its
+rendezvous, e.g. ``--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500``). A plain ``python -m`` run is one
+process with no process group, unless the strategy needs one (then a local group of one is made).
+
+Strategies (``DistConfig.strategy``):
+  * ``none``      one process, plain module;
+  * ``ddp``       ``DistributedDataParallel``;
+  * ``fsdp2``     ``fully_shard`` on every decoder layer, on the vision tower as its own unit (HF ``generate`` runs
+                  it outside the root forward), then on the root; bf16 ``MixedPrecisionPolicy`` on GPU;
+  * ``deepspeed`` ZeRO-2/3 from a user JSON in Video-R1's ``zero3.json`` shape: "auto" values are filled, an
+                  optimizer block gets ``torch_adam: true`` (no JIT build of fused Adam); without one, torch AdamW
+                  is passed in, as HF Trainer does for Video-R1.
+The model stays plain. :class:`Runner` holds it and runs any ``fn(model, ...)`` as its forward, so the GRPO loss,
+which reads ``lm_head.weight`` without calling ``lm_head``, runs inside the wrapped forward where DDP, FSDP2 and
+ZeRO-3 have the parameters gathered (ZeRO-3 also gets the head weight registered as an external parameter).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import os
+import random
+import socket
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from vr1fast.config import ConfigError, DistConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]      # None: no process group
+    strategy: str               # none | ddp | fsdp2 | deepspeed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(cfg: DistConfig) -> DistInfo:
+    """Join the torchrun process group (or make a local one of size 1 if the strategy needs it); pick the device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would guess, and say so
+    launched = "WORLD_SIZE" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if world > 1 else "none")
+    if world > 1 and strategy == "none":
+        raise ConfigError("dist.strategy=none cannot run with WORLD_SIZE > 1; use ddp, fsdp2 or deepspeed")
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if not launched and strategy == "none":
+        return DistInfo(0, 1, 0, device, None, strategy)
+    if not launched:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                 device_id=device if cuda else None)
+    if strategy == "deepspeed":
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the group; zero.Init reads its world size
+    return DistInfo(rank, world, local_rank, device, backend, strategy)
+
+
+def teardown(info: DistInfo) -> None:
+    """Barrier, then destroy the process group (DeepSpeed aborts at exit intermittently without this)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+    if info.strategy == "deepspeed":
+        import deepspeed.comm as dscomm
+        dscomm.cdb = None
+
+
+def print0(*args, **kwargs) -> None:
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch with ``seed + rank`` (ranks draw different data and samples)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed that depends only on (seed, step, rank, ...): per-step randomness survives a resume."""
+    return zlib.crc32(json.dumps([seed, *parts]).encode()) * 2654435761 % (2**63 - 1)
+
+
+def reduce_metrics(values: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """One all-reduce for the step's scalars: mean over ranks, sum for ``sum_keys``. NaN-safe (NaN stays NaN)."""
+    if not values or not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    tdist.all_reduce(t)
+    world = tdist.get_world_size()
+    return {k: v if k in sum_keys else v / world for k, v in zip(keys, t.tolist())}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (so all ranks stop together)."""
+    if not tdist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not tdist.is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- wrapping
+
+
+class Runner(nn.Module):
+    """``Runner(model)(fn, *args, **kw) == fn(model, *args, **kw)``: the one forward every wrapper calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+@dataclass
+class Wrapped:
+    """A model ready to run under a strategy. ``runner(fn, ...)`` is the training/scoring forward; ``model`` is the
+    plain HF module inside it (HF ``generate``, ``save_pretrained``)."""
+
+    runner: nn.Module
+    model: nn.Module
+    strategy: str
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Optional[Any] = None
+    engine: Optional[Any] = None     # the DeepSpeed engine (== runner) under deepspeed
+    zero_stage: int = 0
+
+    def parameters(self):
+        return self.runner.parameters()
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def vision_tower(model: nn.Module) -> Optional[nn.Module]:
+    inner = getattr(model, "model", model)
+    return getattr(inner, "visual", None) or getattr(model, "visual", None)
+
+
+def lm_head_weight(model: nn.Module) -> nn.Parameter:
+    return model.get_output_embeddings().weight
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, bf16: bool) -> Runner:
+    """FSDP2: each decoder layer, the vision tower, then the root Runner (root inputs are not cast: advantages and
+    log-probs stay fp32). The root is lazily initialised at once, before ``generate`` can touch the tower.
+
+    The tower keeps its gathered weights from its first call until the backward (``reshard_after_forward=False``):
+    a rank with an image and a video calls it twice per forward (HF and ``model.forward`` encode each modality
+    apart), another rank once; gathering on every call would give the ranks different collectives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    tower = vision_tower(model)
+    if tower is not None:
+        fully_shard(tower, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                   cast_forward_inputs=False)
+    runner = fully_shard(Runner(model), mesh=mesh, mp_policy=root_mp)
+    runner._get_fsdp_state()._lazy_init()
+    model._is_fsdp_managed_module = True  # HF generate then defaults to synced_gpus when world > 1
+    return runner
+
+
+def wrap_policy(model: nn.Module, info: DistInfo, cfg: DistConfig, *, bf16: bool,
+                make_optimizer: Callable, make_scheduler: Callable, ds_config: Optional[dict] = None) -> Wrapped:
+    """Move/shard the trainable policy and build its optimizer (``make_optimizer([(name, param), ...])``) and LR
+    schedule (``make_scheduler(optimizer)``). ``bf16``: bf16 compute on GPU (FSDP2 mixed precision; DeepSpeed's
+    bf16). Under DeepSpeed an ``optimizer`` block of the JSON wins over ``make_optimizer``."""
+    if info.strategy == "deepspeed":
+        import deepspeed
+        runner = Runner(model)
+        named = [(n, p) for n, p in runner.named_parameters() if p.requires_grad]
+        has_opt = "optimizer" in ds_config
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=runner, model_parameters=[p for _, p in named], config=ds_config,
+            optimizer=None if has_opt else make_optimizer(named), lr_scheduler=make_scheduler)
+        stage = ds_config["zero_optimization"].get("stage", 0)
+        if stage == 3:
+            deepspeed.zero.register_external_parameter(runner, lm_head_weight(model))
+        return Wrapped(engine, model, "deepspeed", optimizer, scheduler, engine, stage)
+    if info.strategy == "fsdp2":
+        runner = _fully_shard(model, info, bf16 and info.device.type == "cuda")
+    else:
+        model.to(info.device)
+        runner = Runner(model)
+        if info.strategy == "ddp":
+            runner = nn.parallel.DistributedDataParallel(
+                runner, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    optimizer = make_optimizer([(n, p) for n, p in runner.named_parameters() if p.requires_grad])
+    return Wrapped(runner, model, info.strategy, optimizer, make_scheduler(optimizer))
+
+
+def wrap_reference(model: nn.Module, info: DistInfo, *, bf16: bool, ds_config: Optional[dict] = None) -> Wrapped:
+    """The frozen reference model: sharded like the policy under FSDP2 / ZeRO-3, a plain replica otherwise."""
+    model.requires_grad_(False).eval()
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0) if info.strategy == "deepspeed" else 0
+    if stage == 3:
+        import deepspeed
+        runner = Runner(model)
+        ref_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        engine, *_ = deepspeed.initialize(model=runner, config=ref_cfg)
+        deepspeed.zero.register_external_parameter(runner, lm_head_weight(model))
+        engine.eval()
+        return Wrapped(engine, model, "deepspeed", engine=engine, zero_stage=3)
+    if info.strategy == "fsdp2":
+        return Wrapped(_fully_shard(model, info, bf16 and info.device.type == "cuda"), model, "fsdp2")
+    model.to(info.device)
+    if bf16 and info.device.type == "cuda":
+        model.to(torch.bfloat16)
+    return Wrapped(Runner(model), model, info.strategy)
+
+
+def rollout_call(wrapped: Wrapped, fn: Callable, *args, **kwargs):
+    """Run ``fn(model, ...)`` for generation: through the FSDP2 root (its hooks gather the root parameters), else on
+    the plain model (DDP replicas are whole; ZeRO-3 hooks gather each submodule as it runs)."""
+    if wrapped.strategy == "fsdp2":
+        return wrapped.runner(fn, *args, **kwargs)
+    return fn(wrapped.model, *args, **kwargs)
+
+
+def needs_synced_generate(wrapped: Wrapped) -> bool:
+    """Sharded weights: every rank must run the same number of forwards while any rank still generates."""
+    return tdist.is_initialized() and tdist.get_world_size() > 1 and (
+        wrapped.strategy == "fsdp2" or wrapped.zero_stage == 3)
+
+
+@contextlib.contextmanager
+def grad_sync(wrapped: Wrapped, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last (DeepSpeed does its own)."""
+    if wrapped.strategy == "ddp" and not sync:
+        with wrapped.runner.no_sync():
+            yield
+        return
+    if wrapped.strategy == "fsdp2":
+        wrapped.runner.set_requires_gradient_sync(sync)
+    yield
+
+
+def backward(wrapped: Wrapped, loss: torch.Tensor, last: bool) -> None:
+    """``loss`` is already divided by the accumulation steps. DeepSpeed needs ``step()`` after every micro-batch."""
+    if wrapped.engine is not None:
+        wrapped.engine.backward(loss, scale_wrt_gas=False)
+        if not last:
+            wrapped.engine.step()
+    else:
+        loss.backward()
+
+
+def clip_grad_norm(wrapped: Wrapped, max_norm: float) -> Optional[torch.Tensor]:
+    """Clip to ``max_norm`` and return the pre-clip global norm (None under DeepSpeed: it clips inside ``step``
+    from the ``gradient_clipping`` of its config, and reports the norm after)."""
+    if wrapped.engine is not None:
+        return None
+    norm = nn.utils.clip_grad_norm_([p for p in wrapped.runner.parameters() if p.grad is not None], max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def optimizer_step(wrapped: Wrapped) -> Optional[torch.Tensor]:
+    """Apply the update and advance the LR schedule; returns DeepSpeed's grad norm (None for the others)."""
+    if wrapped.engine is not None:
+        wrapped.engine.step()
+        norm = wrapped.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+    wrapped.optimizer.step()
+    wrapped.scheduler.step()
+    wrapped.optimizer.zero_grad(set_to_none=True)
+    return None
+
+
+def current_lr(wrapped: Wrapped) -> float:
+    return wrapped.optimizer.param_groups[0]["lr"]
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+
+def deepspeed_config(cfg: DistConfig, *, hidden_size: int, prompts_per_rank: int, grad_accum: int,
+                     world_size: int, max_grad_norm: float, bf16: bool, optim: dict) -> dict:
+    """Load ``cfg.deepspeed_config`` (or a minimal ZeRO-``cfg.zero_stage`` one) and fill every "auto" value.
+
+    ``optim`` holds lr, betas, eps, weight_decay for an optimizer block, which also gets ``torch_adam: true``."""
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        try:
+            ds = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"dist.deepspeed_config: cannot read {path}: {e}") from None
+    else:
+        ds = {"zero_optimization": {"stage": cfg.zero_stage}}
+    ds = copy.deepcopy(ds)
+    fills = {
+        "train_micro_batch_size_per_gpu": prompts_per_rank, "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": prompts_per_rank * grad_accum * world_size, "gradient_clipping": max_grad_norm,
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "lr": optim["lr"], "betas": list(optim["betas"]), "eps": optim["eps"],
+        "weight_decay": optim["weight_decay"],
+    }
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "gradient_clipping"):
+        ds.setdefault(key, "auto")
+    ds.setdefault("zero_optimization", {"stage": cfg.zero_stage})
+    for half, on in (("bf16", bf16), ("fp16", False)):
+        block = ds.setdefault(half, {"enabled": "auto"})
+        if block.get("enabled") == "auto":
+            block["enabled"] = on
+    if "optimizer" in ds:
+        ds["optimizer"].setdefault("params", {})["torch_adam"] = True
+    _fill_auto(ds, fills, "")
+    return ds
+
+
+def _fill_auto(node: dict, fills: dict, prefix: str) -> None:
+    for key, value in node.items():
+        where = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, fills, where + ".")
+        elif value == "auto":
+            if key not in fills:
+                raise ConfigError(f"dist.deepspeed_config: no value known for \"auto\" at {where}")
+            node[key] = fills[key]
+
+
+def hf_deepspeed_config(ds_config: dict):
+    """For ZeRO-3, the object that makes ``from_pretrained`` build the model partitioned (``zero.Init``).
+    The caller keeps it alive until the models are loaded (transformers holds only a weak reference)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    return HfDeepSpeedConfig(ds_config)
