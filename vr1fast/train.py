@@ -1,0 +1,400 @@
+"""T-GRPO training: ``torchrun --nproc_per_node=N -m vr1fast.train [--config FILE] [--section.key=value ...]``.
+
+With no argument it runs the embedded demo (synthetic temporal video-QA, the tiny Qwen2.5-VL, CPU is enough).
+``main()`` builds, ``train()`` loops, ``train_step()`` is the one place where the stages meet:
+
+    data.dataset   Sampler.take            → Sample     (per rank; the global stream position is checkpointed)
+    data.video     load_video / load_image → Frames     uint8 [T, H, W, 3] / [H, W, 3], resized
+    data.shuffle   build_shuffle_pair      → PromptBatch ordered (B prompts) + shuffled (video prompts only)
+    rollout        generate                → completions [B·G, L] ordered, [B_video·S, L] shuffled
+    rl.advantages  score_batch             → rewards, temporal bonus, length bonus, advantages [B·G]
+    model.forward  reference_logprobs      → frozen-reference log-probs [B·G, L] (k3 KL)
+    model.forward  completion_hidden + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
+    optimizer step → the next rollout sees the new weights at once; metrics; checkpoint
+
+Deviations from Video-R1 (``grpo_trainer.py``), all keeping its numbers: several prompts per rank (each group is
+scored on its own); the LM head runs on completion positions only and the vision tower once per prompt
+(``model.forward``); a broken record or video is an error naming the file, or a counted skip with
+``data.skip_bad`` (Video-R1 silently substitutes a fixed sample); a non-finite loss stops the run before the update.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from vr1fast import ckpt, dist
+from vr1fast.config import Config, ConfigError, OptimConfig, parse_args, to_yaml
+from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
+from vr1fast.data.errors import MediaError, RecordError
+from vr1fast.data.prompts import build_messages
+from vr1fast.data.shuffle import build_shuffle_pair
+from vr1fast.data.synthetic import generate_synthetic
+from vr1fast.data.video import load_image, load_video
+from vr1fast.metrics import Metrics
+from vr1fast.model.forward import completion_hidden, reference_logprobs
+from vr1fast.model.load import build_model, freeze, load_model, tiny_model
+from vr1fast.rl.advantages import score_batch
+from vr1fast.rl.loss import policy_loss
+from vr1fast.rollout import generate
+
+MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
+SUM_KEYS = ("skipped_media", "reward_exceptions")  # summed over ranks; every other metric is averaged
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm is NaN/inf; raised before the update, so the last checkpoint stays valid."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0                                    # optimizer steps done
+    position: Position = field(default_factory=Position)  # of the global sample stream
+
+
+@dataclass
+class Run:
+    """Everything the step needs, built once by :func:`build`."""
+
+    cfg: Config
+    info: dist.DistInfo
+    tokenizer: Any
+    policy: dist.Wrapped
+    ref: Optional[dist.Wrapped]
+    records: Records
+    sampler: Sampler
+    metrics: Metrics
+    total_steps: int
+    last_checkpoint: Optional[Path] = None
+    keepalive: Any = None                            # HfDeepSpeedConfig under ZeRO-3 (HF generate reads it)
+
+
+class StageTimer:
+    """Wall seconds per stage; synchronises CUDA at stage edges (this is the reference path, timed per stage)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[stage] += time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _autocast(run: Run):
+    """bf16 autocast on GPU for the plain and DDP policy (FSDP2 and DeepSpeed bring their own mixed precision)."""
+    on = run.cfg.train.bf16 and run.info.device.type == "cuda" and run.policy.strategy in ("none", "ddp")
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def _load_media(sample: Sample, cfg: Config) -> torch.Tensor:
+    return load_video(sample.path, cfg.video) if sample.data_type == "video" else load_image(sample.path, cfg.video)
+
+
+def next_prompts(run: Run, state: TrainState, seed: int) -> tuple[list[Sample], list[torch.Tensor], int]:
+    """This rank's samples and decoded media; with ``data.skip_bad`` a broken file is replaced by a seeded draw
+    (the stream position is global, so ranks stay in step) and counted."""
+    cfg, info = run.cfg, run.info
+    indices, state.position = run.sampler.take(state.position, cfg.train.prompts_per_rank, info.rank,
+                                               info.world_size)
+    draw, samples, media, skipped = random.Random(seed), [], [], 0
+    for index in indices:
+        for _ in range(MEDIA_RETRIES):
+            sample = run.records[index]
+            try:
+                media.append(_load_media(sample, cfg))
+                samples.append(sample)
+                break
+            except MediaError:
+                if not cfg.data.skip_bad:
+                    raise
+                skipped, index = skipped + 1, draw.randrange(len(run.records))
+        else:
+            raise MediaError(sample.path, f"and {MEDIA_RETRIES - 1} replacement draws could not be decoded")
+    return samples, media, skipped
+
+
+def _rollout(run: Run, inputs: dict, num_samples: int, seed: int, max_new_tokens: Optional[int] = None):
+    cfg = run.cfg.rollout
+    with torch.no_grad(), _autocast(run):
+        return dist.rollout_call(run.policy, generate, inputs, num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, engine=cfg.engine,
+                                 synced_gpus=dist.needs_synced_generate(run.policy))
+
+
+def _rollout_shuffled(run: Run, pair, inputs: dict, num_samples: int, seed: int):
+    """The shuffled-video rollout, or None. With sharded weights a rank without a video prompt runs a 1-token
+    dummy generate instead (Video-R1 does this under ZeRO-3), so every rank joins the same collectives."""
+    if not num_samples:
+        return None
+    if pair.shuffled is not None:
+        return _rollout(run, pair.shuffled.to(run.info.device).model_inputs(), num_samples, seed)
+    if dist.needs_synced_generate(run.policy):
+        _rollout(run, inputs, 1, seed, max_new_tokens=1)
+    return None
+
+
+def _texts(run: Run, rollout) -> list[str]:
+    ids = rollout.ids.tolist()
+    return run.tokenizer.batch_decode([row[:n] for row, n in zip(ids, rollout.lengths.tolist())],
+                                      skip_special_tokens=True)
+
+
+def _shuffled_texts(run: Run, pair, rollout, num_prompts: int) -> Optional[list[Optional[list[str]]]]:
+    """Per prompt: its shuffled completions' texts (video prompts) or None (images, temporal off)."""
+    if rollout is None:
+        return None
+    texts, s = _texts(run, rollout), run.cfg.rollout.num_shuffled
+    out: list[Optional[list[str]]] = [None] * num_prompts
+    for j, row in enumerate(pair.video_rows):
+        out[row] = texts[j * s:(j + 1) * s]
+    return out
+
+
+def _policy_loss(model, inputs, completion_ids, completion_mask, advantages, ref_logprobs, cfg: Config):
+    """Runs as the wrapped forward: hidden states on completion positions → GRPO loss (``rl.loss``)."""
+    hidden, weight = completion_hidden(model, inputs, completion_ids, completion_mask,
+                                       num_samples=cfg.rollout.num_generations)
+    return policy_loss(hidden, weight, completion_ids, completion_mask, advantages, ref_logprobs, cfg.loss,
+                       temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens)
+
+
+def _check_finite(run: Run, state: TrainState, name: str, value: torch.Tensor) -> None:
+    if dist.any_rank(not bool(torch.isfinite(value).all())):
+        where = run.last_checkpoint or "none written yet"
+        raise NonFiniteLossError(f"non-finite {name} ({float(value):.4g} on rank {run.info.rank}) at step "
+                                 f"{state.step + 1}: stopping before the update; last checkpoint: {where}")
+
+
+def train_step(run: Run, state: TrainState) -> dict[str, float]:
+    """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts."""
+    cfg, device, timer, rows = run.cfg, run.info.device, StageTimer(run.info.device), []
+    G, S = cfg.rollout.num_generations, cfg.rollout.num_shuffled if cfg.reward.temporal else 0
+    for micro in range(cfg.train.grad_accum):
+        seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
+        last = micro == cfg.train.grad_accum - 1
+        with timer("data"):
+            samples, media, skipped = next_prompts(run, state, seed)
+        with timer("processor"):
+            messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
+            pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
+                                      mode=cfg.data.frame_shuffle)
+            inputs = pair.ordered.to(device).model_inputs()
+        with timer("rollout"):
+            ordered = _rollout(run, inputs, G, seed)
+            shuffled = _rollout_shuffled(run, pair, inputs, S, seed + 1)
+        with timer("reward"):
+            rewards = score_batch(_texts(run, ordered), ordered.lengths, [s.solution for s in samples],
+                                  [s.problem_type for s in samples],
+                                  _shuffled_texts(run, pair, shuffled, len(samples)), cfg.reward)
+        ids, mask = ordered.ids, ordered.mask
+        with timer("ref"):
+            ref_lp = None if run.ref is None else run.ref.runner(
+                reference_logprobs, inputs, ids, mask, num_samples=G, temperature=cfg.rollout.temperature)
+        with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
+            with _autocast(run):
+                loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, mask,
+                                                       rewards.advantages.to(device), ref_lp, cfg)
+            _check_finite(run, state, "loss", loss.detach())
+            dist.backward(run.policy, loss / cfg.train.grad_accum, last)
+        rows.append({**rewards.metrics(), "loss": loss.item(), "skipped_media": skipped,
+                     **{k: v.item() for k, v in loss_metrics.items()},
+                     "tokens": float(pair.ordered.attention_mask.sum() * G + ordered.lengths.sum())})
+    with timer("optimizer"):
+        grad_norm = dist.clip_grad_norm(run.policy, cfg.optim.max_grad_norm)
+        if grad_norm is not None:
+            _check_finite(run, state, "grad norm", grad_norm)
+        lr = run.policy.scheduler.get_last_lr()[0]
+        engine_norm = dist.optimizer_step(run.policy)
+        grad_norm = engine_norm if engine_norm is not None else grad_norm
+    state.step += 1
+    return _step_metrics(rows, timer.seconds, grad_norm, lr)
+
+
+def _step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: float) -> dict[str, float]:
+    """Mean over micro-batches (counts summed), then one all-reduce over ranks."""
+    out = {k: sum(r[k] for r in rows) / (1 if k in SUM_KEYS else len(rows)) for k in rows[0]}
+    out.update({f"time/{k}_s": v for k, v in seconds.items()})
+    total = sum(seconds.values())
+    out.update({"time/step_s": total, "tokens_per_s": out.pop("tokens") * len(rows) / max(total, 1e-9)})
+    out.update({"grad_norm": float("nan") if grad_norm is None else float(grad_norm), "learning_rate": lr})
+    return dist.reduce_metrics(out, SUM_KEYS)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def save_checkpoint(run: Run, state: TrainState) -> Path:
+    run.last_checkpoint = ckpt.save(
+        ckpt.checkpoint_root(run.cfg.train.output_dir), state.step, run.policy, info=run.info,
+        processor=run.tokenizer, source_dir=run.cfg.model.path,
+        state={"data": dataclasses.asdict(state.position)}, config_text=to_yaml(run.cfg))
+    return run.last_checkpoint
+
+
+def train(run: Run, state: TrainState) -> TrainState:
+    """Steps until ``run.total_steps``; checkpoints every ``train.save_every`` steps and at the end."""
+    cfg = run.cfg.train
+    while state.step < run.total_steps:
+        metrics = train_step(run, state)
+        if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+            run.metrics.log(state.step, metrics)
+        if state.step % cfg.save_every == 0 or state.step == run.total_steps:
+            save_checkpoint(run, state)
+    return state
+
+
+# ---------------------------------------------------------------- building
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """HF Trainer's grouping, as Video-R1 gets it: no weight decay on biases and *layernorm* weights."""
+    no_decay = [p for n, p in named if "bias" in n or "layernorm" in n or "rmsnorm" in n]
+    ids = {id(p) for p in no_decay}
+    decay = [p for _, p in named if id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """HF's schedules: linear warmup from 0 over ``warmup_steps``, then cosine / linear decay to 0, or constant."""
+    if step < cfg.warmup_steps:
+        return step / max(1, cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if cfg.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+def _records(cfg: Config, info: dist.DistInfo) -> Records:
+    """The RL records; with no ``data.path``, the synthetic set (generated by rank 0, reused by the others)."""
+    if cfg.data.path is not None:
+        return load_records(cfg.data.path, cfg.data)
+    d = cfg.data
+    if info.is_main:
+        generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed)
+    dist.barrier()
+    return load_records(generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed).rl_json,
+                        d)
+
+
+def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
+    """(policy, reference or None, tokenizer): the policy from ``model_dir`` (a checkpoint) or the configured
+    source; the reference always from the configured source (the frozen *initial* policy)."""
+    master = "float32" if cfg.model.dtype == "auto" and info.strategy != "deepspeed" else cfg.model.dtype
+    source = dataclasses.replace(cfg.model, dtype=master, path=str(model_dir) if model_dir else cfg.model.path)
+    policy, tokenizer = build_model(source, device="cpu")
+    ref = None
+    if cfg.loss.beta != 0:
+        ref = (tiny_model(cfg.model.tiny_seed, tokenizer=tokenizer)[0] if cfg.model.path is None
+               else load_model(cfg.model.path, dtype=cfg.model.dtype, device="cpu")[0])
+        freeze(ref)
+    return policy, ref, tokenizer
+
+
+def build(cfg: Config) -> tuple[Run, TrainState]:
+    """Process group, data, models, wrapping, optimizer, resume and metrics for ``cfg``."""
+    info = dist.init(cfg.dist)
+    dist.seed_everything(cfg.train.seed, info.rank)
+    records = _records(cfg, info)
+    steps_per_epoch = math.ceil(len(records) / (cfg.train.prompts_per_rank * info.world_size
+                                                * cfg.train.grad_accum))
+    total = cfg.train.max_steps or steps_per_epoch
+    resume = dist.broadcast_object(ckpt.resolve(cfg.train.resume, cfg.train.output_dir))
+    bf16 = cfg.train.bf16 and info.device.type == "cuda"
+    ds_config = keepalive = None
+    if info.strategy == "deepspeed":
+        ds_config = dist.deepspeed_config(
+            cfg.dist, hidden_size=_hidden_size(cfg), prompts_per_rank=cfg.train.prompts_per_rank,
+            grad_accum=cfg.train.grad_accum, world_size=info.world_size, max_grad_norm=cfg.optim.max_grad_norm,
+            bf16=bf16, optim=dataclasses.asdict(cfg.optim))
+    zero3 = ds_config is not None and ds_config["zero_optimization"].get("stage") == 3
+    if zero3 and cfg.train.prompts_per_rank > 1 and len({s.data_type for s in records}) > 1:
+        raise ConfigError("train.prompts_per_rank > 1 with images and videos mixed cannot run under DeepSpeed ZeRO-3 "
+                          "(ranks would run the vision tower a different number of times); use 1 or fsdp2")
+    if zero3 and cfg.model.path is not None:  # from_pretrained then builds the checkpoint partitioned (zero.Init)
+        keepalive = dist.hf_deepspeed_config(ds_config)
+    policy_model, ref_model, tokenizer = _models(cfg, info, resume / "model" if resume else None)
+    if zero3 and keepalive is None:  # the tiny model is built whole, as under every other strategy
+        keepalive = dist.hf_deepspeed_config(ds_config)  # HF generate reads it (synced_gpus)
+    policy = dist.wrap_policy(
+        policy_model, info, cfg.dist, bf16=bf16, ds_config=ds_config,
+        make_optimizer=lambda named: torch.optim.AdamW(
+            param_groups(named, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps),
+        make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, cfg.optim, total)))
+    ref = None if ref_model is None else dist.wrap_reference(ref_model, info, bf16=bf16, ds_config=ds_config)
+    state = TrainState()
+    if resume:
+        saved = ckpt.load(resume, policy, info=info)
+        state = TrainState(saved["step"], Position(**saved["data"]))
+    metrics = Metrics(cfg.metrics, cfg.train.output_dir, total_steps=total, start_step=state.step,
+                      enabled=info.is_main, run_config=cfg.to_dict())
+    if info.is_main:
+        Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
+    run = Run(cfg, info, tokenizer, policy, ref, records, Sampler(len(records), cfg.train.seed, cfg.data.shuffle),
+              metrics, total, resume, keepalive)
+    return run, state
+
+
+def _hidden_size(cfg: Config) -> int:
+    """The text hidden size, for DeepSpeed's "auto" bucket sizes (read from config.json, no weights loaded)."""
+    if cfg.model.path is None:
+        from vr1fast.model.load import TINY_TEXT
+        return TINY_TEXT["hidden_size"]
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
+    return getattr(config, "text_config", config).hidden_size
+
+
+def close(run: Run) -> Optional[Path]:
+    """Close the metric sinks (writes the plot on rank 0) and tear the process group down."""
+    plot = run.metrics.close()
+    dist.teardown(run.info)
+    if run.keepalive is not None:
+        from transformers.integrations import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+    return plot
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Parse, build, train, close. Expected failures print one line naming the cause and exit non-zero."""
+    started = time.perf_counter()
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        run, state = build(cfg)
+        dist.print0(f"vr1fast: preset {cfg.preset}, {run.info.strategy} on {run.info.world_size} × "
+                    f"{run.info.device.type}, {len(run.records)} records, steps {state.step + 1}..{run.total_steps}, "
+                    f"output {cfg.train.output_dir}")
+        train(run, state)
+        plot = close(run)
+    except (ConfigError, MediaError, RecordError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"vr1fast.train: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    if run.info.is_main:
+        print(f"done: {run.total_steps} steps in {time.perf_counter() - started:.0f} s; metrics "
+              f"{run.metrics.jsonl_path}, plot {plot}, checkpoint {run.last_checkpoint}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
