@@ -21,7 +21,12 @@ from vr1fast.kernels.reference import grpo_loss_from_logprobs
 IMPLS = ("auto", "reference", "triton")
 
 # public name -> module holding its Triton implementation under the same name (imported on first use).
-TRITON: dict[str, str] = {}
+TRITON: dict[str, str] = {
+    "selective_log_softmax": "vr1fast.kernels.logprob",
+    "grpo_loss": "vr1fast.kernels.grpo",  # not grpo_loss.py: importing it would shadow the function here
+    "linear_logprobs": "vr1fast.kernels.linear_logprob",
+    "linear_grpo_loss": "vr1fast.kernels.linear_logprob",
+}
 
 
 def implementation(name: str, impl: Optional[str] = None, device: Optional[str] = None) -> Callable:

@@ -107,7 +107,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
 # ---------------------------------------------------------------- GRPO loss
 
 
-def _check_cfg(cfg: dict) -> dict:
+def resolve_cfg(cfg: dict) -> dict:
+    """cfg with defaults filled in; unknown keys and bad values raise, naming the key."""
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"grpo_loss: unknown option(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
@@ -122,8 +123,9 @@ def _check_cfg(cfg: dict) -> dict:
     return cfg
 
 
-def _check_shapes(logprobs: Tensor, mask: Tensor, advantages: Tensor, ref: Optional[Tensor],
-                  old: Optional[Tensor]) -> None:
+def check_loss_shapes(logprobs: Tensor, mask: Tensor, advantages: Tensor, ref: Optional[Tensor],
+                      old: Optional[Tensor]) -> None:
+    """logprobs, mask, ref, old [B, T] and advantages [B], or a ValueError naming the argument."""
     if logprobs.dim() != 2:
         raise ValueError(f"grpo_loss: per-token log-probs must be [B, T], got {tuple(logprobs.shape)}")
     named = {"mask": mask, "ref_logprobs": ref, "old_logprobs": old}
@@ -163,8 +165,8 @@ def grpo_loss_from_logprobs(logprobs: Tensor, mask: Tensor, advantages: Tensor,
 
     ``temperature`` is accepted and ignored here (it only matters where logits become log-probs).
     """
-    cfg = _check_cfg(cfg)
-    _check_shapes(logprobs, mask, advantages, ref_logprobs, old_logprobs)
+    cfg = resolve_cfg(cfg)
+    check_loss_shapes(logprobs, mask, advantages, ref_logprobs, old_logprobs)
     if cfg["beta"] != 0 and ref_logprobs is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logprobs")
     lp = logprobs

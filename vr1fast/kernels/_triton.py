@@ -1,0 +1,109 @@
+"""Shared Triton plumbing: interpreter flag, an upcast helper, a launch record and the AOT compile check.
+
+Every kernel file builds a :class:`Launch` (kernel, grid, runtime args by name, constexprs, warps, stages) and calls
+it, and lists in ``aot_variants()`` the launches of every constexpr variant its launchers can produce (built from
+meta tensors). Tests run those kernels under ``TRITON_INTERPRET=1`` and compile every variant for a real GPU with
+:func:`aot_check` (no GPU needed; it runs in a fresh process because interpreted kernels cannot be compiled).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter stores bf16 as uint16: every bf16 load must be upcast before arithmetic (environment.md §2).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot_operand(x, UPCAST: tl.constexpr):
+    """``tl.dot`` operand: fp32 under the interpreter (pass UPCAST=INTERPRET), native dtype on a GPU."""
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+def check_device(name: str, *tensors: torch.Tensor) -> None:
+    """Triton runs CUDA tensors, or CPU tensors under the interpreter; all on one device."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: tensors on several devices {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"{name}: Triton needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+           torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+
+
+@dataclass
+class Launch:
+    """One kernel launch: runtime args by name (tensors, ints, floats) and compile-time constants."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+
+    def signature(self) -> dict[str, str]:
+        """Triton type strings of the arguments, as the JIT launcher would type them."""
+        sig = {}
+        for name, value in self.args.items():
+            if isinstance(value, torch.Tensor):
+                sig[name] = "*" + _DTYPES[value.dtype]
+            elif isinstance(value, bool):
+                sig[name] = "i1"
+            elif isinstance(value, int):
+                sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            else:
+                sig[name] = "fp32"
+        return sig | {name: "constexpr" for name in self.constexprs}
+
+
+def aot_compile(launch: Launch, arch: int = 90):
+    """Compile ``launch``'s kernel for ``cuda:sm_<arch>`` without a GPU; returns the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+
+    params = launch.kernel.arg_names
+    sig = launch.signature()
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature={p: sig[p] for p in params},
+                                    constexprs=dict(launch.constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+_AOT_SCRIPT = """
+import importlib, json, sys
+from vr1fast.kernels._triton import aot_compile
+out = []
+for launch in importlib.import_module(sys.argv[1]).aot_variants():
+    k = aot_compile(launch, int(sys.argv[2]))
+    out.append(dict(kernel=launch.kernel.__name__, constexprs=launch.constexprs, shared=k.metadata.shared,
+                    cubin=len(k.asm.get("cubin", b""))))
+print(json.dumps(out))
+"""
+
+
+def aot_check(module: str, arch: int = 90) -> list[dict]:
+    """Compile ``module.aot_variants()`` for sm_<arch> in a fresh non-interpreted process: one dict per launch
+    (kernel name, constexprs, shared memory bytes, cubin size). Raises with the compiler's message on failure."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module, str(arch)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile of {module} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
