@@ -247,3 +247,12 @@ def test_regenerates_when_changed_or_broken(tmp_path):
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError, match="generate_synthetic"):
         generate_synthetic(tmp_path, **kwargs)
+
+
+def test_concurrent_calls_share_one_set(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.starmap(generate_synthetic, [(tmp_path, 8, 2), (tmp_path, 8, 2)])
+    assert sorted(r.reused for r in results) == [False, True]
+    assert digest(results[0]) == digest(generate_synthetic(tmp_path / "fresh", n=8, seed=2))

@@ -30,6 +30,7 @@ differ across encoder versions, so determinism is a property of the decoded pixe
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -344,7 +345,8 @@ def generate_synthetic(out_dir: str | Path, n: int = 24, seed: int = 0, size: tu
     ``size`` is (width, height), both even and at least 56x56; ``frames`` a multiple of ``SLOTS`` (8). The
     default 32 frames at 4 fps last 8 s, so Video-R1's sampling (2 fps, at most 16 frames) takes 16 of them.
     Files are written atomically (``.part`` + rename) and the manifest last; a folder whose manifest matches
-    the parameters and whose files are present is returned as is (``reused=True``).
+    the parameters and whose files are present is returned as is (``reused=True``). Concurrent calls on one
+    folder (several ranks or test workers) are serialised by an exclusive lock on ``out_dir/.lock``.
     """
     W, H = size
     if n < 1 or W % 2 or H % 2 or W < 56 or H < 56 or frames < SLOTS or frames % SLOTS:
@@ -352,11 +354,19 @@ def generate_synthetic(out_dir: str | Path, n: int = 24, seed: int = 0, size: tu
                          f"(need n>=1, even W,H >= 56, frames a multiple of {SLOTS})")
     root = Path(out_dir)
     params = dict(version=GENERATOR_VERSION, n=n, seed=seed, size=[W, H], frames=frames, fps=fps)
-    result = SyntheticSet(root, root / "rl.json", root / "sft.json", n, True)
-    if _reusable(root, params):
-        return result
-    (root / "videos").mkdir(parents=True, exist_ok=True)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reused = _reusable(root, params)
+        if not reused:
+            _write_set(root, params)
+    return SyntheticSet(root, root / "rl.json", root / "sft.json", n, reused)
+
+
+def _write_set(root: Path, params: dict) -> None:
+    n, seed, (W, H), frames, fps = params["n"], params["seed"], params["size"], params["frames"], params["fps"]
+    (root / "videos").mkdir(exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
     (root / "manifest.json").unlink(missing_ok=True)
     rl, sft, files = [], [], []
     for i in range(n):
@@ -373,11 +383,10 @@ def generate_synthetic(out_dir: str | Path, n: int = 24, seed: int = 0, size: tu
         sft.append({**rl[-1], "process": f"<think>{item.think}</think>"})
     _remove_stale(root, set(files))
     rl_text, sft_text = json.dumps(rl, indent=1) + "\n", json.dumps(sft, indent=1) + "\n"
-    _write_text(result.rl_json, rl_text)
-    _write_text(result.sft_json, sft_text)
+    _write_text(root / "rl.json", rl_text)
+    _write_text(root / "sft.json", sft_text)
     manifest = dict(params=params, files=files, rl_sha256=_sha(rl_text), sft_sha256=_sha(sft_text))
     _write_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    return SyntheticSet(root, result.rl_json, result.sft_json, n, False)
 
 
 def _remove_stale(root: Path, keep: set[str]) -> None:
