@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Triton kernels run in the interpreter on CPU tensors; the knob is read lazily, so setting it before any
 # kernel module is imported is enough.
@@ -6,3 +7,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# tests/ on sys.path so test modules share helpers (``from media import ...``).
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+# Under pytest-xdist each worker gets one intra-op thread: with 2 workers on 2 cores, torch's default threads
+# oversubscribe the machine (a small matmul measured 10x slower at load ~6).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
