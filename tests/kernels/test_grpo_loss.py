@@ -104,6 +104,10 @@ def test_leaf_logits_untouched_and_misuse_detected():
     x = logits.clone().requires_grad_()
     grpo.grpo_loss(x, index, mask, adv, ref_lp)[0].backward()
     assert torch.equal(x.detach(), logits)
+    padded = torch.cat([logits, logits[:, :1]], 1).requires_grad_()  # a slice of a leaf: still no overwrite
+    grpo.grpo_loss(padded[:, :-1], index, mask, adv, ref_lp)[0].backward()
+    assert torch.equal(padded.detach()[:, :-1], logits)
+    torch.testing.assert_close(padded.grad[:, :-1], x.grad)
     # Another op that saved the intermediate logits runs its backward after ours: the bumped version makes it raise.
     y = logits.clone().requires_grad_() * 1.0
     other = (y * y).sum()

@@ -12,8 +12,8 @@ Token level: one fused forward pass over the logits per token computes lse, ℓ,
 masked tokens read no logits. Sequence level (GSPO) needs the row's mean log-ratio before any token's loss, so
 its forward is the log-prob kernel followed by the reference maths on the [B, T] log-probs (O(B·T), autograd gives
 dLoss/dℓ). Backward (both levels): one pass per row writes dz = dLoss/dℓ·(1[v=y] - p)/T, in place over the logits
-when they are an autograd intermediate (Liger's ``inplace``; their version counter is bumped, so any other use of
-them in backward fails loudly instead of reading gradients), else into a new tensor.
+when they (or the tensor they view) are an autograd intermediate (Liger's ``inplace``; their version counter is
+bumped, so any other use of them in backward fails loudly instead of reading gradients), else into a new tensor.
 Grid: 1-D over tokens (``logprob.grid``). Shapes: logits [B, T, V] (bf16/fp16/fp32, unit vocab stride),
 index / mask / ref / old [B, T], advantages [B]. Returns (loss fp32 0-dim, metrics dict of fp32 0-dim tensors).
 """
@@ -150,7 +150,8 @@ class _GrpoLoss(torch.autograd.Function):
         loss, stats, lse, dlogp = level_forward(logits, index, mask, advantages, ref, old, cfg)
         ctx.save_for_backward(logits, index, lse, dlogp)
         ctx.temperature = cfg["temperature"]
-        ctx.inplace = not logits.is_leaf and logits.dim() == 3 and logits.stride(-1) == 1
+        root = logits if logits._base is None else logits._base  # a view of a leaf must not be overwritten
+        ctx.inplace = not root.is_leaf and logits.stride(-1) == 1
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
