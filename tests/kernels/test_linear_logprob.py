@@ -1,0 +1,253 @@
+"""The fused LM-head log-prob kernels (vr1fast/kernels/linear_logprob.py) under the Triton interpreter.
+
+Every value is checked against ``reference.py`` run in float64 on the same inputs (upcast), and, for 16-bit inputs,
+against what the reference gets in that dtype (house rule 3: our error ≤ 2× torch's). The sm_90 AOT compile runs
+in a subprocess without the interpreter, because interpreted kernels cannot be compiled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vr1fast import kernels
+from vr1fast.kernels import linear_logprob as fused
+from vr1fast.kernels import reference
+
+T_ODD = 0.7
+
+
+def _inputs(n, h, v, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, h, generator=g) * scale).to(dtype)
+    w = (torch.randn(v, h, generator=g) * 0.3).to(dtype)
+    return x, w, torch.randint(0, v, (n,), generator=g)
+
+
+def _run(fn, x, w, idx, dtype, upstream, **kw):
+    """logp, entropy, dX, dW (float64) of fn on (x, w) cast to dtype, for upstream grads (g_logp, g_entropy)."""
+    x = x.to(dtype).detach().requires_grad_()
+    w = w.to(dtype).detach().requires_grad_()
+    logp, ent = fn(x, w, idx, kw.pop("temperature", 1.0), True, **kw)
+    (logp.double() * upstream[0] + ent.double() * upstream[1]).sum().backward()
+    return [t.detach().double() for t in (logp, ent, x.grad, w.grad)]
+
+
+def _max_err(a, b):
+    return [(u - v).abs().max().item() for u, v in zip(a, b)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logprobs_entropy_and_grads_match_float64(dtype):
+    # N=37 (3 token blocks), H=40 (masked K tail), V=300 (2 vocab splits, last partial), 3 backward chunks.
+    x, w, idx = _inputs(37, 40, 300, dtype, seed=1)
+    g = torch.Generator().manual_seed(2)
+    upstream = (torch.randn(37, generator=g, dtype=torch.float64), torch.randn(37, generator=g, dtype=torch.float64))
+    ours = _run(fused.linear_logprobs, x, w, idx, dtype, upstream, temperature=T_ODD, vocab_chunk=100)
+    exact = _run(reference.linear_logprobs, x, w, idx, torch.float64, upstream, temperature=T_ODD)
+    err = _max_err(ours, exact)
+    assert (ours[0] <= 0).all() and all(torch.isfinite(t).all() for t in ours)
+    if dtype == torch.float32:
+        assert err[0] < 2e-5 and err[1] < 2e-5
+        for got, want in zip(ours[2:], exact[2:]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        return
+    # bf16/fp16: the fused head never rounds logits, so log-probs are fp32-exact on the 16-bit inputs ...
+    assert err[0] < 2e-5 and err[1] < 2e-5
+    torch_err = _max_err(_run(reference.linear_logprobs, x, w, idx, dtype, upstream, temperature=T_ODD), exact)
+    assert err[0] < torch_err[0] and err[1] < torch_err[1]
+    # ... and gradients (rounded to the input dtype) stay within 2x torch's error and verl's gates (kernels.md §7.5).
+    for k in (2, 3):
+        assert err[k] <= 2 * torch_err[k], (k, err[k], torch_err[k])
+        torch.testing.assert_close(ours[k], exact[k], rtol=4e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_random_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, h, v = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 64), (17, 64), (65, 1000)))
+    x, w, idx = _inputs(n, h, v, torch.float32, seed)
+    upstream = (torch.rand(n, dtype=torch.float64, generator=g) - 0.5, torch.zeros(n, dtype=torch.float64))
+    ours = _run(fused.linear_logprobs, x, w, idx, torch.float32, upstream)
+    exact = _run(reference.linear_logprobs, x, w, idx, torch.float64, upstream)
+    for got, want in zip(ours, exact):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(dtype):
+    """Logits of ±thousands, and rows whose logits are all very negative (verl #2656/#7439: positive or NaN logps)."""
+    x, w, idx = _inputs(24, 32, 150, torch.float32, seed=6, scale=300.0)
+    x[12:] = x[12:].abs()
+    w = -(w.abs() + 0.1)
+    x, w = x.to(dtype), w.to(dtype)
+    ours = fused.linear_logprobs(x, w, idx, T_ODD, return_entropy=True)
+    exact = reference.linear_logprobs(x.double(), w.double(), idx, T_ODD, return_entropy=True)
+    assert (x[12:].double() @ w.double().T).max().item() < -1000  # the all-negative rows really are
+    assert all(torch.isfinite(t).all() for t in ours) and (ours[0] <= 0).all()
+    logits = (x.double() @ w.double().T).abs().max().item() / T_ODD
+    for got, want in zip(ours, exact):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=4e-7 * logits)
+
+
+def test_frozen_weight_and_no_grad():
+    x, w, idx = _inputs(20, 24, 130, torch.float32, seed=7)
+    x.requires_grad_()
+    fused.linear_logprobs(x, w, idx.view(4, 5).reshape(20)).sum().backward()
+    assert w.grad is None
+    xd = x.detach().double().requires_grad_()
+    reference.linear_logprobs(xd, w.double(), idx).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        logp = fused.linear_logprobs(x.view(4, 5, 24), w, idx.view(4, 5))
+    assert logp.shape == (4, 5) and not logp.requires_grad
+    torch.testing.assert_close(logp.double(), reference.linear_logprobs(xd.detach(), w.double(), idx).view(4, 5),
+                               rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_and_empty():
+    x, w, idx = _inputs(4, 16, 70, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="dtype"):
+        fused.linear_logprobs(x.bfloat16(), w, idx)
+    with pytest.raises(ValueError, match="index values"):
+        fused.linear_logprobs(x, w, idx + 70)
+    with pytest.raises(ValueError, match="do not fit"):
+        fused.linear_logprobs(x, w[:, :8], idx)
+    with pytest.raises(ValueError, match="temperature"):
+        fused.linear_logprobs(x, w, idx, 0.0)
+    empty = fused.linear_logprobs(x[:0].requires_grad_(), w, idx[:0])
+    assert empty.shape == (0,)
+
+
+def test_dispatch_runs_the_fused_kernel(monkeypatch):
+    assert kernels.implementation("linear_logprobs", "triton") is fused.linear_logprobs
+    assert kernels.implementation("linear_grpo_loss", "triton") is fused.linear_grpo_loss
+    assert kernels.implementation("linear_logprobs", device="cpu") is reference.linear_logprobs
+    assert kernels.implementation("linear_logprobs", device="cuda") is fused.linear_logprobs
+    monkeypatch.setenv("VR1FAST_IMPL", "triton")
+    x, w, idx = _inputs(6, 16, 70, torch.float32, seed=9)
+    torch.testing.assert_close(kernels.linear_logprobs(x, w, idx), reference.linear_logprobs(x, w, idx))
+
+
+def _grpo_batch(seed: int, with_ref: bool, with_old: bool):
+    """B=3 rows (full, partial, fully masked), T=7, H=24, V=200; old log-probs shifted per row so ratios clip."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, h, v = 3, 7, 24, 200
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    idx = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0], [0] * 7])
+    adv = torch.tensor([0.9, -1.3, 0.4])
+    with torch.no_grad():
+        logp = reference.linear_logprobs(hidden, weight, idx, T_ODD)
+    ref = logp + 0.5 * torch.randn(b, t, generator=g) if with_ref else None
+    old = logp + torch.tensor([[-0.35], [0.3], [0.1]]) + 0.2 * torch.randn(b, t, generator=g) if with_old else None
+    return hidden, weight, idx, mask, adv, ref, old
+
+
+def _loss_and_grads(fn, batch, dtype, **cfg):
+    hidden, weight, idx, mask, adv, ref, old = batch
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    loss, metrics = fn(h, w, idx, mask, adv, ref, old, **cfg)
+    loss.backward()
+    return loss.double(), {k: v.double() for k, v in metrics.items()}, h.grad.double(), w.grad.double()
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("level", reference.IS_LEVELS)
+@pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
+def test_grpo_loss_matches_float64(loss_type, level, with_ref, with_old):
+    batch = _grpo_batch(10, with_ref, with_old)
+    cfg = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04 if with_ref else 0.0,
+               epsilon_high=0.28, delta=1.25 if with_old else None, temperature=T_ODD, max_completion_length=9)
+    loss, metrics, dh, dw = _loss_and_grads(fused.linear_grpo_loss, batch, torch.float32, **cfg)
+    loss64, metrics64, dh64, dw64 = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64, **cfg)
+    torch.testing.assert_close(loss, loss64, rtol=1e-5, atol=1e-7)
+    assert metrics.keys() == metrics64.keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], metrics64[k], rtol=1e-5, atol=1e-7)
+    assert dh[2].abs().max() == 0 and dh[1, 4:].abs().max() == 0  # masked rows get no gradient
+    torch.testing.assert_close(dh, dh64, rtol=1e-4, atol=1e-5 * dh64.abs().max().item())
+    torch.testing.assert_close(dw, dw64, rtol=1e-4, atol=1e-5 * dw64.abs().max().item())
+    if with_old:
+        assert metrics["clip_region"] > 0  # the case exercises clipping
+
+
+def test_grpo_loss_bf16_video_r1_defaults():
+    batch = _grpo_batch(11, with_ref=True, with_old=False)
+    cfg = dict(temperature=1.0)
+    ours = _loss_and_grads(fused.linear_grpo_loss, batch, torch.bfloat16, **cfg)
+    exact = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64, **cfg)
+    torch_bf16 = _loss_and_grads(reference.linear_grpo_loss, batch, torch.bfloat16, **cfg)
+    for i in (0, 2, 3):
+        err, torch_err = ((r[i] - exact[i]).abs().max().item() for r in (ours, torch_bf16))
+        assert err <= 2 * torch_err + 1e-6, (i, err, torch_err)
+    torch.testing.assert_close(ours[0], exact[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+@pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
+def test_parity_with_liger(loss_type, with_old):
+    """liger's LigerFusedLinearGRPOLoss (TRL's maths; unclamped k3 → kl_clamp=None) on the same inputs."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    hidden, weight, idx, mask, adv, ref, old = _grpo_batch(12, with_ref=True, with_old=with_old)
+    cfg = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=9,
+               temperature=T_ODD)
+    results = []
+    for run in ("liger", "ours"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if run == "liger":
+            liger = LigerFusedLinearGRPOLoss(compiled=False, use_ref_model=True, **cfg)
+            loss, (kl, clip) = liger(h, w, idx, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+        else:
+            loss, metrics = fused.linear_grpo_loss(h, w, idx, mask, adv, ref, old, kl_clamp=None, **cfg)
+            kl, clip = metrics["kl"], metrics["clip_region"]
+        results.append((loss, kl, clip, *torch.autograd.grad(loss, (h, w))))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+AOT_SCRIPT = r"""
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from vr1fast.kernels import linear_logprob as fused
+
+def aligned(value):  # the JIT's specialisation: 16-byte-aligned tensors, ints divisible by 16
+    return isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0)
+
+out = []
+for dtype in fused.DTYPES:
+    for launch in fused.gpu_variants(dtype):
+        params, sig = launch.kernel.arg_names, launch.signature()
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in launch.args
+                 and aligned(launch.args[p])}
+        src = triton.compiler.ASTSource(fn=launch.kernel, signature={p: sig[p] for p in params},
+                                        constexprs=dict(launch.constexprs), attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+        out.append(dict(kernel=launch.kernel.__name__, dtype=str(dtype), block_n=launch.constexprs["BLOCK_N"],
+                        shared=k.metadata.shared, cubin=len(k.asm["cubin"]), ttgir=k.asm["ttgir"].count("async_copy")))
+print(json.dumps(out))
+"""
+
+
+def test_sm90_aot_compile_of_every_variant():
+    """Both kernels × every tile config × every dtype the launchers can pick, compiled for sm_90 at the Qwen-7B head
+    shape (as the JIT specialises it): a cubin each, inside the 227 KB of shared memory, with pipelined loads."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {(k, str(d), c.kwargs["BLOCK_N"]) for k in ("_fwd_kernel", "_dlogits_kernel") for d in fused.DTYPES
+                for c in (fused.TILES_FP32 if d == torch.float32 else fused.TILES_16BIT)}
+    assert {(c["kernel"], c["dtype"], c["block_n"]) for c in compiled} == expected
+    assert len(compiled) == len(expected)
+    for c in compiled:
+        assert c["cubin"] > 0 and 0 < c["shared"] <= 227 * 1024 and c["ttgir"] > 0, c

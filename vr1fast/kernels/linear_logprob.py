@@ -1,0 +1,314 @@
+"""LM head fused with log-softmax-gather: per-token log-probs (and entropy) without ever holding N×V logits.
+
+Maths (one token: hidden x [H], head W [V, H], target y, temperature T; z = W x, s = z / T, p = softmax(s)):
+    logp    = s_y − lse(s)                 entropy = lse(s) − E_p[s]
+    ∂logp/∂z_v    = (1[v=y] − p_v) / T     ∂entropy/∂z_v = −p_v (s_v − E_p[s]) / T
+    dz = (g_ℓ·(1[v=y] − p) − g_H·p·(s − E_p[s])) / T,   dX = dz W,   dW = dzᵀ X
+Matches ``reference.linear_logprobs`` (the float64 reference of the tests) with fp32 math and fp32 outputs.
+
+Shapes and dtypes: hidden [..., H], weight [V, H] (both fp32, bf16 or fp16, same dtype), index [...] int in [0, V)
+→ log-probs [...] fp32 (and entropy [...] fp32). Gradients flow to hidden and weight; a frozen weight
+(``requires_grad=False``, e.g. LoRA) skips the dW GEMM. bf16/fp16 GEMMs accumulate in fp32 and the logits are never
+rounded; fp32 inputs use 3xTF32 dots (≈fp32 accuracy on tensor cores; the model's head itself runs bf16).
+
+Design (chosen over the alternatives in reference/kernels.md §7.2, for these reasons):
+* Forward: one Triton kernel on a 2-D grid (token blocks × vocab splits of SPLIT_V columns). Each program runs
+  the bf16 tile GEMM z = X Wᵀ for its vocab tiles (fp32 accumulator) and keeps online per-row statistics
+  (max m, Σe^{s−m}, Σe^{s−m}·s, target logit); a few O(N·V/SPLIT_V) torch ops merge the splits into
+  lse, logp and entropy. Splitting the vocab (verl's layout) instead of one program per token block looping over
+  all of V gives 149 programs per token block at Qwen's V=152064, so even N=2k fills an H100's 132 SMs; the
+  partials are 12 bytes per (row, split) (~29 MB at N=16k). Token blocks sit on grid axis 0, so there is no
+  65,535-block limit on the token count (Liger #1294). logp ≤ 0 exactly: the target logit is read from the
+  same fp32 tile as the maxima, and lse = m + log Σ ≥ m.
+* Backward: recompute (8NHV in all), split over vocab chunks: a Triton kernel rewrites dz for one chunk
+  [N, C] into a bounded buffer (input dtype, ≤ DZ_BUDGET bytes), then cuBLAS does dX += dz W_c (accumulated in
+  fp32 across chunks) and dW_c = dzᵀ X (written once, complete). Two thirds of the backward FLOPs thus run at
+  cuBLAS speed; a fully fused Triton backward would need either N×H accumulators per program or atomics over
+  V/BLOCK_N partial sums per dX element (CCE's way; cheap only with its approximate gradient filtering).
+* The GRPO loss is not fused: given per-token log-probs it is O(N) elementwise work, so ``linear_grpo_loss`` is
+  ``reference.grpo_loss_from_logprobs`` on this module's log-probs and autograd feeds dLoss/dlogp back here.
+  One loss implementation serves the reference, the logits-level kernel and this one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from vr1fast.kernels._triton import INTERPRET, Launch, check_device, dot_operand
+from vr1fast.kernels.reference import DEFAULTS, grpo_loss_from_logprobs
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DZ_BUDGET = 256 << 20  # bytes of the backward's dz chunk buffer
+# GPU tiles (H100, wgmma-sized), autotuned once per H and dtype; fp32 inputs get their own tile (4-byte operands:
+# fewer stages fit the 227 KB of shared memory). The interpreter runs one small tile so the CPU tests stay fast.
+TILES_16BIT = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+TILES_FP32 = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3)]
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32})]
+CONFIGS = INTERPRET_CONFIGS if INTERPRET else TILES_16BIT + TILES_FP32
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    keep = TILES_FP32 if named_args["x_ptr"].dtype == torch.float32 else TILES_16BIT
+    return [c for c in configs if any(c is k for k in keep)] or configs
+
+
+PRUNE = {"early_config_prune": _prune}
+
+
+# Vocab columns per forward program: a multiple of every BLOCK_N above (4 tiles of the widest).
+SPLIT_V = 4 * max(c.kwargs["BLOCK_N"] for c in CONFIGS)
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, F32: tl.constexpr):
+    """fp32 tile z[rows, cols] = X[rows, :] · W[cols, :]ᵀ; rows ≥ N and cols ≥ V repeat the last row / column.
+
+    The caller masks those; clamping instead of masking the loads leaves only the K mask (no register spills).
+    """
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_x + ks[None, :]
+    w_ptrs = w_ptr + tl.minimum(cols, V - 1)[None, :].to(tl.int64) * stride_w + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        x = tl.load(x_ptrs, mask=k0 + ks[None, :] < H, other=0.0)
+        w = tl.load(w_ptrs, mask=k0 + ks[:, None] < H, other=0.0)
+        x = dot_operand(x, UPCAST)  # fp32 under the interpreter (bf16 bit patterns otherwise); 16-bit on a GPU
+        w = dot_operand(w, UPCAST)
+        if F32:
+            acc = tl.dot(x, w, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.autotune(configs=CONFIGS, key=["H"], prune_configs_by=PRUNE)
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, idx_ptr, pmax_ptr, psum_ptr, pdot_ptr, tgt_ptr,
+                N, V, H, stride_x, stride_w, num_splits, split_v, inv_t,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr, F32: tl.constexpr):
+    """Per (token block, vocab split): running max, Σe^{s−m}, Σe^{s−m}·s → partials [N, num_splits]; s_y → tgt."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    row_ok = rows < N
+    y = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    sum_e = tl.zeros((BLOCK_M,), tl.float32)
+    sum_es = tl.zeros((BLOCK_M,), tl.float32)
+    s_y = tl.zeros((BLOCK_M,), tl.float32)
+    v_lo = split * split_v
+    v_hi = tl.minimum(v_lo + split_v, V)
+    for v0 in range(v_lo, v_hi, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        s = _logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, F32) * inv_t
+        valid = cols[None, :] < V
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        e = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        sum_e = sum_e * alpha + tl.sum(e, axis=1)
+        sum_es = sum_es * alpha + tl.sum(e * tl.where(valid, s, 0.0), axis=1)  # e = 0 where invalid
+        m = m_new
+        s_y += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+    out = rows.to(tl.int64) * num_splits + split
+    tl.store(pmax_ptr + out, m, mask=row_ok)
+    tl.store(psum_ptr + out, sum_e, mask=row_ok)
+    tl.store(pdot_ptr + out, sum_es, mask=row_ok)
+    tl.store(tgt_ptr + rows, s_y, mask=row_ok & (y >= v_lo) & (y < v_hi))
+
+
+@triton.autotune(configs=CONFIGS, key=["H"], prune_configs_by=PRUNE)
+@triton.jit
+def _dlogits_kernel(x_ptr, w_ptr, idx_ptr, lse_ptr, es_ptr, glogp_ptr, gent_ptr, dz_ptr,
+                    N, V, H, stride_x, stride_w, stride_dz, v_lo, v_len, inv_t,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    UPCAST: tl.constexpr, F32: tl.constexpr):
+    """dz[:, c] for vocab columns v_lo + c, c < v_len: recompute s, p = e^{s−lse}, apply the module's dz formula."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    s = _logits_tile(x_ptr, w_ptr, rows, v_lo + c, N, V, H, stride_x, stride_w,
+                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, F32) * inv_t
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
+    p = tl.exp(s - lse[:, None])
+    dz = tl.where((v_lo + c)[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+    es = tl.load(es_ptr + rows, mask=row_ok, other=0.0)
+    g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+    dz -= g_h[:, None] * p * (s - es[:, None])
+    dz_ptrs = dz_ptr + rows[:, None].to(tl.int64) * stride_dz + c[None, :]
+    tl.store(dz_ptrs, dz * inv_t, mask=row_ok[:, None] & (c[None, :] < v_len))
+
+
+def _flags(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    return dict(UPCAST=interpret and dtype != torch.float32, F32=dtype == torch.float32)
+
+
+def _fwd_args(x: Tensor, w: Tensor, idx: Tensor, partials: tuple[Tensor, Tensor, Tensor], s_y: Tensor,
+              temperature: float) -> dict:
+    pmax, psum, pdot = partials
+    return dict(x_ptr=x, w_ptr=w, idx_ptr=idx, pmax_ptr=pmax, psum_ptr=psum, pdot_ptr=pdot, tgt_ptr=s_y,
+                N=x.shape[0], V=w.shape[0], H=x.shape[1], stride_x=x.stride(0), stride_w=w.stride(0),
+                num_splits=pmax.shape[1], split_v=SPLIT_V, inv_t=1.0 / temperature)
+
+
+def _dlogits_args(x: Tensor, w: Tensor, idx: Tensor, stats: tuple[Tensor, Tensor], grads: tuple[Tensor, Tensor],
+                  dz: Tensor, v_lo: int, temperature: float) -> dict:
+    (lse, mean_s), (g_logp, g_ent) = stats, grads
+    return dict(x_ptr=x, w_ptr=w, idx_ptr=idx, lse_ptr=lse, es_ptr=mean_s, glogp_ptr=g_logp, gent_ptr=g_ent,
+                dz_ptr=dz, N=x.shape[0], V=w.shape[0], H=x.shape[1], stride_x=x.stride(0), stride_w=w.stride(0),
+                stride_dz=dz.stride(0), v_lo=v_lo, v_len=dz.shape[1], inv_t=1.0 / temperature)
+
+
+def gpu_variants(dtype: torch.dtype, n: int = 8192, h: int = 3584, v: int = 152064) -> list[Launch]:
+    """Every (kernel, tile config, constexpr) combination the launchers can run on a GPU for ``dtype`` inputs, as
+    :class:`Launch` records for an AOT compile; the arguments are meta tensors of the given head shape (default
+    Qwen2.5-7B's) and the ints the launchers would pass for it, so alignment specialisations match a real run."""
+    meta = dict(device="meta")
+    x, w = torch.empty(n, h, dtype=dtype, **meta), torch.empty(v, h, dtype=dtype, **meta)
+    idx, rows = torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, **meta)
+    fwd = _fwd_args(x, w, idx, [torch.empty(n, triton.cdiv(v, SPLIT_V), **meta)] * 3, rows, 1.0)
+    dz = torch.empty(n, _vocab_chunk(n, v, x.element_size(), None), dtype=dtype, **meta)
+    bwd = _dlogits_args(x, w, idx, (rows, rows), (rows, rows), dz, 0, 1.0)
+    out = []
+    for cfg in _prune(TILES_16BIT + TILES_FP32, {"x_ptr": x}):
+        tiles = dict(cfg.kwargs, **_flags(dtype, interpret=False))
+        run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out += [Launch(_fwd_kernel.fn, (1, 1), fwd, tiles, **run),
+                Launch(_dlogits_kernel.fn, (1, 1), bwd, tiles, **run)]
+    return out
+
+
+def _check(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float) -> None:
+    check_device("linear_logprobs", hidden, weight, index)
+    if hidden.shape[:-1] != index.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"linear_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and index "
+                         f"{tuple(index.shape)} do not fit ([..., H], [V, H], [...])")
+    if hidden.dtype != weight.dtype or hidden.dtype not in DTYPES:
+        raise ValueError(f"linear_logprobs: hidden dtype {hidden.dtype} and weight dtype {weight.dtype} must be "
+                         f"the same, one of {DTYPES}")
+    if not temperature > 0:
+        raise ValueError(f"linear_logprobs: temperature must be > 0, got {temperature}")
+    if index.dtype.is_floating_point:
+        raise ValueError(f"linear_logprobs: index dtype {index.dtype} is not an integer type")
+    # A device-side check would cost a host sync on GPU; there an out-of-range id yields a NaN log-prob instead.
+    if not index.is_cuda and index.numel() and (index.min() < 0 or index.max() >= weight.shape[0]):
+        raise ValueError(f"linear_logprobs: index values must lie in [0, {weight.shape[0]}), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+
+
+def _forward(x: Tensor, w: Tensor, idx: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [N, H], w [V, H], idx [N] → (logp, entropy, lse, E_p[s]), each fp32 [N]."""
+    n = x.shape[0]
+    if n == 0:
+        return tuple(torch.zeros(0, device=x.device) for _ in range(4))
+    num_splits = triton.cdiv(w.shape[0], SPLIT_V)
+    partials = tuple(torch.empty(n, num_splits, device=x.device, dtype=torch.float32) for _ in range(3))
+    s_y = torch.full((n,), float("nan"), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_M"]), num_splits
+
+    _fwd_kernel[grid](**_fwd_args(x, w, idx, partials, s_y, temperature), **_flags(x.dtype))
+    pmax, psum, pdot = partials
+    m = pmax.max(dim=1).values
+    scale = torch.exp(pmax - m[:, None])
+    sum_e = (psum * scale).sum(dim=1)
+    lse = m + torch.log(sum_e)
+    mean_s = (pdot * scale).sum(dim=1) / sum_e
+    return s_y - lse, lse - mean_s, lse, mean_s
+
+
+def _vocab_chunk(n: int, v: int, itemsize: int, vocab_chunk: Optional[int]) -> int:
+    if vocab_chunk is not None:
+        return max(1, min(vocab_chunk, v))
+    cols = DZ_BUDGET // max(1, n * itemsize)
+    return max(SPLIT_V, cols // SPLIT_V * SPLIT_V) if cols < v else v
+
+
+def _backward(x: Tensor, w: Tensor, idx: Tensor, lse: Tensor, mean_s: Tensor, g_logp: Tensor,
+              g_ent: Tensor, temperature: float, need_dx: bool, need_dw: bool,
+              vocab_chunk: Optional[int]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """dX [N, H] (x's dtype) and dW [V, H] (w's dtype) by vocab chunks; None where not needed."""
+    (n, h), v = x.shape, w.shape[0]
+    if n == 0:
+        return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(w) if need_dw else None)
+    chunk = _vocab_chunk(n, v, x.element_size(), vocab_chunk)
+    dz_buf = torch.empty(n, chunk, device=x.device, dtype=x.dtype)
+    dx = torch.zeros(n, h, device=x.device, dtype=torch.float32) if need_dx else None
+    dw = torch.empty_like(w) if need_dw else None
+    for v_lo in range(0, v, chunk):
+        v_len = min(chunk, v - v_lo)
+        dz = dz_buf[:, :v_len]
+
+        def grid(meta):
+            return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(v_len, meta["BLOCK_N"])
+
+        _dlogits_kernel[grid](**_dlogits_args(x, w, idx, (lse, mean_s), (g_logp, g_ent), dz, v_lo, temperature),
+                              **_flags(x.dtype))
+        if need_dx:
+            dx += dz @ w[v_lo:v_lo + v_len]
+        if need_dw:
+            torch.mm(dz.t(), x, out=dw[v_lo:v_lo + v_len])
+    return (dx.to(x.dtype) if need_dx else None), dw
+
+
+class LinearLogprob(torch.autograd.Function):
+    """(x [N, H], w [V, H], idx [N], T, vocab_chunk) → (logp [N], entropy [N]) fp32; grads for x and w."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, idx: Tensor, temperature: float, vocab_chunk: Optional[int]):
+        logp, entropy, lse, mean_s = _forward(x, w, idx, temperature)
+        ctx.save_for_backward(x, w, idx, lse, mean_s)
+        ctx.temperature, ctx.vocab_chunk = temperature, vocab_chunk
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp: Optional[Tensor], g_ent: Optional[Tensor]):
+        x, w, idx, lse, mean_s = ctx.saved_tensors
+        # The entropy term costs ~3 flops per logit next to the 2H of the recompute: always applied, zeros if unused.
+        g_logp, g_ent = (torch.zeros_like(lse) if g is None else g.float().contiguous() for g in (g_logp, g_ent))
+        dx, dw = _backward(x, w, idx, lse, mean_s, g_logp, g_ent, ctx.temperature, ctx.needs_input_grad[0],
+                           ctx.needs_input_grad[1], ctx.vocab_chunk)
+        return dx, dw, None, None, None
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0,
+                    return_entropy: bool = False, *, vocab_chunk: Optional[int] = None):
+    """Log-probs (and entropy) of ``index`` under softmax(hidden @ weight.T / T) without N×V logits.
+
+    hidden [..., H], weight [V, H], index [...] → fp32 log-probs [...] (and entropy [...]); differentiable w.r.t.
+    hidden and weight. ``vocab_chunk`` overrides the backward's dz chunk width (default: DZ_BUDGET bytes).
+    """
+    _check(hidden, weight, index, temperature)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    logp, entropy = LinearLogprob.apply(x, w, index.reshape(-1).contiguous(), float(temperature), vocab_chunk)
+    if not return_entropy:
+        return logp.reshape(index.shape)
+    return logp.reshape(index.shape), entropy.reshape(index.shape)
+
+
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
+                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
+                     **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss on hidden [B, T, H] through the head weight [V, H]: ``reference.grpo_loss_from_logprobs`` (maths,
+    cfg keys, metrics) on this module's fused log-probs; gradients reach hidden and weight through them."""
+    logp = linear_logprobs(hidden, weight, index, cfg.get("temperature", DEFAULTS["temperature"]))
+    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
