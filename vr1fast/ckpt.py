@@ -3,7 +3,7 @@
 Layout of ``<output_dir>/checkpoints/step_000012/``::
 
     model/          HF format (config, safetensors, tokenizer/processor files): ``from_pretrained`` loads it
-    trainer.pt      optimizer + LR schedule (FQN-keyed full state dicts; not under DeepSpeed)
+    trainer.pt      optimizer + LR schedule (FSDP2: FQN-keyed full state dicts; not under DeepSpeed)
     deepspeed/      ``engine.save_checkpoint`` (ZeRO partitions of weights and optimizer; DeepSpeed only)
     rng_rank{r}.pt  python / numpy / torch (+ CUDA) RNG states of rank r
     state.json      step, data position, world size
@@ -96,9 +96,23 @@ def _strip_runner_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _optimizer_state(policy: dist.Wrapped) -> dict:
+    """FSDP2: the full FQN-keyed state on rank 0 (torch's helper; it first gives every parameter an Adam state).
+    Otherwise the optimizer's own state dict: the same build gives the same parameter order, and it is exact."""
+    if policy.strategy != "fsdp2":
+        return policy.optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(policy.runner, policy.optimizer, options=opts)
+
+
+def _load_optimizer_state(policy: dist.Wrapped, state: dict, info: dist.DistInfo) -> None:
+    if policy.strategy != "fsdp2":
+        policy.optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_optimizer_state_dict(policy.runner, policy.optimizer, optim_state_dict=state if info.is_main else {},
+                             options=opts)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -161,12 +175,8 @@ def load(path: Path, policy: dist.Wrapped, *, info: dist.DistInfo) -> dict[str, 
     if policy.engine is not None:
         policy.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
     else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        distributed = policy.strategy == "fsdp2"
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-        optim_sd = trainer["optimizer"] if info.is_main or not distributed else {}
-        set_optimizer_state_dict(policy.runner, policy.optimizer, optim_state_dict=optim_sd, options=opts)
+        _load_optimizer_state(policy, trainer["optimizer"], info)
         policy.scheduler.load_state_dict(trainer["scheduler"])
     rng = path / f"rng_rank{info.rank}.pt"
     if rng.is_file():

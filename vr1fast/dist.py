@@ -97,6 +97,12 @@ def teardown(info: DistInfo) -> None:
         dscomm.cdb = None
 
 
+def abort() -> None:
+    """After an error: drop the process group without a barrier (other ranks may never reach one)."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def print0(*args, **kwargs) -> None:
     if not tdist.is_initialized() or tdist.get_rank() == 0:
         print(*args, **kwargs, flush=True)

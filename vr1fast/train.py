@@ -389,6 +389,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         train(run, state)
         plot = close(run)
     except (ConfigError, MediaError, RecordError, NonFiniteLossError, FileNotFoundError) as e:
+        dist.abort()
         print(f"vr1fast.train: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     if run.info.is_main:
