@@ -66,11 +66,16 @@ def test_logprobs_entropy_and_grads_match_float64(dtype):
         torch.testing.assert_close(ours[k], exact[k], rtol=4e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("seed", [3, 4, 5])
+@pytest.mark.parametrize("seed", [3, 4, 5, None])
 def test_random_shapes(seed):
-    g = torch.Generator().manual_seed(seed)
-    n, h, v = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 64), (17, 64), (65, 1000)))
-    x, w, idx = _inputs(n, h, v, torch.float32, seed)
+    """Random non-power-of-two shapes; seed None: 10 token blocks, more than one L2 group of GROUP_M blocks."""
+    g = torch.Generator().manual_seed(seed or 0)
+    if seed is None:
+        n, h, v = 150, 20, 130
+        assert n > fused.GROUP_M * fused.CONFIGS[0].kwargs["BLOCK_M"]
+    else:
+        n, h, v = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 64), (17, 64), (65, 1000)))
+    x, w, idx = _inputs(n, h, v, torch.float32, seed or 0)
     upstream = (torch.rand(n, dtype=torch.float64, generator=g) - 0.5, torch.zeros(n, dtype=torch.float64))
     ours = _run(fused.linear_logprobs, x, w, idx, torch.float32, upstream)
     exact = _run(reference.linear_logprobs, x, w, idx, torch.float64, upstream)
@@ -223,17 +228,16 @@ def aligned(value):  # the JIT's specialisation: 16-byte-aligned tensors, ints d
     return isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0)
 
 out = []
-for dtype in fused.DTYPES:
-    for launch in fused.gpu_variants(dtype):
-        params, sig = launch.kernel.arg_names, launch.signature()
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in launch.args
-                 and aligned(launch.args[p])}
-        src = triton.compiler.ASTSource(fn=launch.kernel, signature={p: sig[p] for p in params},
-                                        constexprs=dict(launch.constexprs), attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
-        out.append(dict(kernel=launch.kernel.__name__, dtype=str(dtype), block_n=launch.constexprs["BLOCK_N"],
-                        shared=k.metadata.shared, cubin=len(k.asm["cubin"]), ttgir=k.asm["ttgir"].count("async_copy")))
+for launch in fused.aot_variants():
+    params, sig = launch.kernel.arg_names, launch.signature()
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in launch.args
+             and aligned(launch.args[p])}
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature={p: sig[p] for p in params},
+                                    constexprs=dict(launch.constexprs), attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    out.append(dict(kernel=launch.kernel.__name__, dtype=sig["x_ptr"], block_n=launch.constexprs["BLOCK_N"],
+                    shared=k.metadata.shared, cubin=len(k.asm["cubin"]), ttgir=k.asm["ttgir"].count("async_copy")))
 print(json.dumps(out))
 """
 
@@ -245,7 +249,8 @@ def test_sm90_aot_compile_of_every_variant():
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {(k, str(d), c.kwargs["BLOCK_N"]) for k in ("_fwd_kernel", "_dlogits_kernel") for d in fused.DTYPES
+    names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    expected = {(k, names[d], c.kwargs["BLOCK_N"]) for k in ("_fwd_kernel", "_dlogits_kernel") for d in fused.DTYPES
                 for c in (fused.TILES_FP32 if d == torch.float32 else fused.TILES_16BIT)}
     assert {(c["kernel"], c["dtype"], c["block_n"]) for c in compiled} == expected
     assert len(compiled) == len(expected)

@@ -21,8 +21,10 @@ Design (chosen over the alternatives in reference/kernels.md §7.2, for these re
   65,535-block limit on the token count (Liger #1294). logp ≤ 0 exactly: the target logit is read from the
   same fp32 tile as the maxima, and lse = m + log Σ ≥ m.
 * Backward: recompute (8NHV in all), split over vocab chunks: a Triton kernel rewrites dz for one chunk
-  [N, C] into a bounded buffer (input dtype, ≤ DZ_BUDGET bytes), then cuBLAS does dX += dz W_c (accumulated in
-  fp32 across chunks) and dW_c = dzᵀ X (written once, complete). Two thirds of the backward FLOPs thus run at
+  [N, C] into a bounded buffer (input dtype, at most 1/DZ_FRACTION of the weight's bytes), then cuBLAS does
+  dX += dz W_c (accumulated in fp32 across chunks) and dW_c = dzᵀ X (written once, complete). The bound keeps the
+  head's peak within 1.2× (inputs + dW) at Qwen's 8k-token shape; each chunk costs one fp32 read-modify-write of
+  dX (a few % of the chunk's GEMM time at ~10k columns), so chunks should not get much narrower. Two thirds of the backward FLOPs thus run at
   cuBLAS speed; a fully fused Triton backward would need either N×H accumulators per program or atomics over
   V/BLOCK_N partial sums per dX element (CCE's way; cheap only with its approximate gradient filtering).
 * The GRPO loss is not fused: given per-token log-probs it is O(N) elementwise work, so ``linear_grpo_loss`` is
@@ -42,7 +44,8 @@ from vr1fast.kernels._triton import INTERPRET, Launch, check_device, dot_operand
 from vr1fast.kernels.reference import DEFAULTS, grpo_loss_from_logprobs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DZ_BUDGET = 256 << 20  # bytes of the backward's dz chunk buffer
+GROUP_M = 8  # token blocks per L2 group (see _grouped)
+DZ_FRACTION = 6  # the backward's dz chunk buffer holds at most 1/DZ_FRACTION of the weight's bytes
 # GPU tiles (H100, wgmma-sized), autotuned once per H and dtype; fp32 inputs get their own tile (4-byte operands:
 # fewer stages fit the 227 KB of shared memory). The interpreter runs one small tile so the CPU tests stay fast.
 TILES_16BIT = [
@@ -92,15 +95,27 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
     return acc
 
 
+@triton.jit
+def _grouped(num_m, num_n, GROUP_M: tl.constexpr):
+    """(token block, vocab block) of this program on a 1-D grid, token blocks in groups of GROUP_M sharing each vocab
+    block: the ~132 programs resident at once then touch GROUP_M hidden blocks and a few weight blocks, which stay
+    in L2 (token-block-major order would stream all of X from HBM once per vocab tile)."""
+    pid = tl.program_id(0)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + pid % size_m, (pid % (GROUP_M * num_n)) // size_m
+
+
 @triton.autotune(configs=CONFIGS, key=["H"], prune_configs_by=PRUNE)
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, idx_ptr, pmax_ptr, psum_ptr, pdot_ptr, tgt_ptr,
                 N, V, H, stride_x, stride_w, num_splits, split_v, inv_t,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, F32: tl.constexpr):
+                UPCAST: tl.constexpr, F32: tl.constexpr, GROUP_M: tl.constexpr):
     """Per (token block, vocab split): running max, Σe^{s−m}, Σe^{s−m}·s → partials [N, num_splits]; s_y → tgt."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
+    pid_m, split = _grouped(tl.cdiv(N, BLOCK_M), num_splits, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     y = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -134,10 +149,11 @@ def _fwd_kernel(x_ptr, w_ptr, idx_ptr, pmax_ptr, psum_ptr, pdot_ptr, tgt_ptr,
 def _dlogits_kernel(x_ptr, w_ptr, idx_ptr, lse_ptr, es_ptr, glogp_ptr, gent_ptr, dz_ptr,
                     N, V, H, stride_x, stride_w, stride_dz, v_lo, v_len, inv_t,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    UPCAST: tl.constexpr, F32: tl.constexpr):
+                    UPCAST: tl.constexpr, F32: tl.constexpr, GROUP_M: tl.constexpr):
     """dz[:, c] for vocab columns v_lo + c, c < v_len: recompute s, p = e^{s−lse}, apply the module's dz formula."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = _grouped(tl.cdiv(N, BLOCK_M), tl.cdiv(v_len, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     s = _logits_tile(x_ptr, w_ptr, rows, v_lo + c, N, V, H, stride_x, stride_w,
                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, F32) * inv_t
@@ -153,8 +169,9 @@ def _dlogits_kernel(x_ptr, w_ptr, idx_ptr, lse_ptr, es_ptr, glogp_ptr, gent_ptr,
     tl.store(dz_ptrs, dz * inv_t, mask=row_ok[:, None] & (c[None, :] < v_len))
 
 
-def _flags(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
-    return dict(UPCAST=interpret and dtype != torch.float32, F32=dtype == torch.float32)
+def _constexprs(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """The launch's compile-time flags besides the tile sizes (which the autotuner picks)."""
+    return dict(UPCAST=interpret and dtype != torch.float32, F32=dtype == torch.float32, GROUP_M=GROUP_M)
 
 
 def _fwd_args(x: Tensor, w: Tensor, idx: Tensor, partials: tuple[Tensor, Tensor, Tensor], s_y: Tensor,
@@ -173,22 +190,23 @@ def _dlogits_args(x: Tensor, w: Tensor, idx: Tensor, stats: tuple[Tensor, Tensor
                 stride_dz=dz.stride(0), v_lo=v_lo, v_len=dz.shape[1], inv_t=1.0 / temperature)
 
 
-def gpu_variants(dtype: torch.dtype, n: int = 8192, h: int = 3584, v: int = 152064) -> list[Launch]:
-    """Every (kernel, tile config, constexpr) combination the launchers can run on a GPU for ``dtype`` inputs, as
-    :class:`Launch` records for an AOT compile; the arguments are meta tensors of the given head shape (default
-    Qwen2.5-7B's) and the ints the launchers would pass for it, so alignment specialisations match a real run."""
-    meta = dict(device="meta")
-    x, w = torch.empty(n, h, dtype=dtype, **meta), torch.empty(v, h, dtype=dtype, **meta)
-    idx, rows = torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, **meta)
-    fwd = _fwd_args(x, w, idx, [torch.empty(n, triton.cdiv(v, SPLIT_V), **meta)] * 3, rows, 1.0)
-    dz = torch.empty(n, _vocab_chunk(n, v, x.element_size(), None), dtype=dtype, **meta)
-    bwd = _dlogits_args(x, w, idx, (rows, rows), (rows, rows), dz, 0, 1.0)
+def aot_variants(n: int = 8192, h: int = 3584, v: int = 152064) -> list[Launch]:
+    """Every (kernel, tile config, dtype, constexpr) combination the launchers can run on a GPU, as :class:`Launch`
+    records for an AOT compile. The arguments are meta tensors of the given head shape (default Qwen2.5-7B's) and
+    the ints the launchers would pass for it, so a compile can specialise alignment as the JIT would."""
     out = []
-    for cfg in _prune(TILES_16BIT + TILES_FP32, {"x_ptr": x}):
-        tiles = dict(cfg.kwargs, **_flags(dtype, interpret=False))
-        run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        out += [Launch(_fwd_kernel.fn, (1, 1), fwd, tiles, **run),
-                Launch(_dlogits_kernel.fn, (1, 1), bwd, tiles, **run)]
+    for dtype in DTYPES:
+        meta = dict(device="meta")
+        x, w = torch.empty(n, h, dtype=dtype, **meta), torch.empty(v, h, dtype=dtype, **meta)
+        idx, rows = torch.empty(n, dtype=torch.int64, **meta), torch.empty(n, **meta)
+        fwd = _fwd_args(x, w, idx, [torch.empty(n, triton.cdiv(v, SPLIT_V), **meta)] * 3, rows, 1.0)
+        dz = torch.empty(n, _vocab_chunk(n, v, h, None), dtype=dtype, **meta)
+        bwd = _dlogits_args(x, w, idx, (rows, rows), (rows, rows), dz, 0, 1.0)
+        for cfg in _prune(TILES_16BIT + TILES_FP32, {"x_ptr": x}):
+            tiles = dict(cfg.kwargs, **_constexprs(dtype, interpret=False))
+            run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            out += [Launch(_fwd_kernel.fn, (1, 1), fwd, tiles, **run),
+                    Launch(_dlogits_kernel.fn, (1, 1), bwd, tiles, **run)]
     return out
 
 
@@ -220,9 +238,9 @@ def _forward(x: Tensor, w: Tensor, idx: Tensor, temperature: float) -> tuple[Ten
     s_y = torch.full((n,), float("nan"), device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return triton.cdiv(n, meta["BLOCK_M"]), num_splits
+        return (triton.cdiv(n, meta["BLOCK_M"]) * num_splits,)
 
-    _fwd_kernel[grid](**_fwd_args(x, w, idx, partials, s_y, temperature), **_flags(x.dtype))
+    _fwd_kernel[grid](**_fwd_args(x, w, idx, partials, s_y, temperature), **_constexprs(x.dtype))
     pmax, psum, pdot = partials
     m = pmax.max(dim=1).values
     scale = torch.exp(pmax - m[:, None])
@@ -232,10 +250,11 @@ def _forward(x: Tensor, w: Tensor, idx: Tensor, temperature: float) -> tuple[Ten
     return s_y - lse, lse - mean_s, lse, mean_s
 
 
-def _vocab_chunk(n: int, v: int, itemsize: int, vocab_chunk: Optional[int]) -> int:
+def _vocab_chunk(n: int, v: int, h: int, vocab_chunk: Optional[int]) -> int:
+    """dz columns per backward chunk: N·C ≤ V·H / DZ_FRACTION, a multiple of SPLIT_V, or all of V if that fits."""
     if vocab_chunk is not None:
         return max(1, min(vocab_chunk, v))
-    cols = DZ_BUDGET // max(1, n * itemsize)
+    cols = v * h // DZ_FRACTION // max(1, n)
     return max(SPLIT_V, cols // SPLIT_V * SPLIT_V) if cols < v else v
 
 
@@ -246,7 +265,7 @@ def _backward(x: Tensor, w: Tensor, idx: Tensor, lse: Tensor, mean_s: Tensor, g_
     (n, h), v = x.shape, w.shape[0]
     if n == 0:
         return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(w) if need_dw else None)
-    chunk = _vocab_chunk(n, v, x.element_size(), vocab_chunk)
+    chunk = _vocab_chunk(n, v, h, vocab_chunk)
     dz_buf = torch.empty(n, chunk, device=x.device, dtype=x.dtype)
     dx = torch.zeros(n, h, device=x.device, dtype=torch.float32) if need_dx else None
     dw = torch.empty_like(w) if need_dw else None
@@ -255,14 +274,15 @@ def _backward(x: Tensor, w: Tensor, idx: Tensor, lse: Tensor, mean_s: Tensor, g_
         dz = dz_buf[:, :v_len]
 
         def grid(meta):
-            return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(v_len, meta["BLOCK_N"])
+            return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(v_len, meta["BLOCK_N"]),)
 
         _dlogits_kernel[grid](**_dlogits_args(x, w, idx, (lse, mean_s), (g_logp, g_ent), dz, v_lo, temperature),
-                              **_flags(x.dtype))
+                              **_constexprs(x.dtype))
         if need_dx:
             dx += dz @ w[v_lo:v_lo + v_len]
         if need_dw:
             torch.mm(dz.t(), x, out=dw[v_lo:v_lo + v_len])
+    del dz_buf, dz
     return (dx.to(x.dtype) if need_dx else None), dw
 
 
@@ -293,7 +313,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
     """Log-probs (and entropy) of ``index`` under softmax(hidden @ weight.T / T) without N×V logits.
 
     hidden [..., H], weight [V, H], index [...] → fp32 log-probs [...] (and entropy [...]); differentiable w.r.t.
-    hidden and weight. ``vocab_chunk`` overrides the backward's dz chunk width (default: DZ_BUDGET bytes).
+    hidden and weight. ``vocab_chunk`` overrides the backward's dz chunk width (default: see DZ_FRACTION).
     """
     _check(hidden, weight, index, temperature)
     x = hidden.reshape(-1, hidden.shape[-1])
