@@ -70,6 +70,8 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     freeze_vision: bool = False
     tiny_seed: int = 0                    # init seed of the tiny model
+    rope_positions: Literal["videor1", "transformers"] = "videor1"  # M-RoPE: Video-R1's transformers 4.x rule
+    # (text after a video resumes at max(t, h, w) + 1) or the installed 5.x one; see vr1fast.model.rope
 
 
 @dataclass

@@ -14,6 +14,9 @@
 - ``reference_model(policy_or_path, beta)``: the frozen initial policy for the k3 KL term (Video-R1 loads a
   second copy of the starting checkpoint and never updates it); ``None`` when β = 0.
 
+Every loader takes ``rope_positions`` ("videor1", the default: Video-R1's transformers 4.x M-RoPE positions, or
+"transformers": the installed 5.x ones; ``vr1fast.model.rope``); a deep copy keeps the choice.
+
 dtype "auto" is bf16 on CUDA (Video-R1 trains in bf16) and fp32 on CPU; attention "auto" is FlashAttention-2
 when ``flash_attn`` is importable and the device is CUDA (as Video-R1's scripts set), SDPA otherwise.
 """
@@ -30,6 +33,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VL
 from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
 from vr1fast.config import ModelConfig
+from vr1fast.model.rope import RopePositions, use_rope_positions
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -82,7 +86,8 @@ def _generation_config(tokenizer) -> GenerationConfig:
 
 
 def tiny_model(seed: int = 0, *, dtype: DtypeLike = torch.float32, attn_implementation: str = "sdpa",
-               device: Optional[Union[str, torch.device]] = None, tokenizer=None, init_std: float = 0.02):
+               device: Optional[Union[str, torch.device]] = None, tokenizer=None, init_std: float = 0.02,
+               rope_positions: RopePositions = "videor1"):
     """A randomly initialised tiny Qwen2.5-VL and its tokenizer: ``(model, tokenizer)``.
 
     The weights depend only on ``seed`` (drawn on CPU in fp32 under a forked RNG, so the global RNG is left
@@ -96,7 +101,7 @@ def tiny_model(seed: int = 0, *, dtype: DtypeLike = torch.float32, attn_implemen
                                     dtype=torch.float32)
     model.generation_config = _generation_config(tokenizer)
     model.to(device=device or "cpu", dtype=resolve_dtype(dtype, device))
-    return model, tokenizer
+    return use_rope_positions(model, rope_positions), tokenizer
 
 
 def save_tiny(out_dir: Union[str, Path], seed: int = 0) -> Path:
@@ -109,7 +114,7 @@ def save_tiny(out_dir: Union[str, Path], seed: int = 0) -> Path:
 
 
 def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implementation: str = "auto",
-               device: Optional[Union[str, torch.device]] = None):
+               device: Optional[Union[str, torch.device]] = None, rope_positions: RopePositions = "videor1"):
     """``(model, tokenizer)`` from a local Qwen2.5-VL checkpoint folder (offline; nothing is downloaded)."""
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -120,7 +125,7 @@ def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implem
     model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
                                    attn_implementation=resolve_attn(attn_implementation, device))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model.to(device or "cpu"), tokenizer
+    return use_rope_positions(model.to(device or "cpu"), rope_positions), tokenizer
 
 
 def build_model(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = None):
@@ -131,10 +136,11 @@ def build_model(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = N
     """
     if cfg.path is None:
         model, tokenizer = tiny_model(cfg.tiny_seed, dtype=resolve_dtype(cfg.dtype, device),
-                                      attn_implementation=cfg.attn_implementation, device=device)
+                                      attn_implementation=cfg.attn_implementation, device=device,
+                                      rope_positions=cfg.rope_positions)
     else:
         model, tokenizer = load_model(cfg.path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                      device=device)
+                                      device=device, rope_positions=cfg.rope_positions)
     if cfg.gradient_checkpointing:
         set_checkpointing(model, True)
     if cfg.freeze_vision:
@@ -168,14 +174,17 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def reference_model(source: Union[nn.Module, str, Path], *, beta: float, dtype: DtypeLike = "auto",
-                    attn_implementation: str = "auto", device: Optional[Union[str, torch.device]] = None):
+                    attn_implementation: str = "auto", device: Optional[Union[str, torch.device]] = None,
+                    rope_positions: RopePositions = "videor1"):
     """The frozen reference policy for the KL term, or ``None`` when ``beta == 0`` (nothing is built).
 
     ``source`` is the policy itself (deep-copied: build the reference before wrapping the policy in
-    DDP/FSDP/DeepSpeed) or a checkpoint folder (loaded again, as Video-R1 does).
+    DDP/FSDP/DeepSpeed; the copy keeps the policy's M-RoPE positions) or a checkpoint folder (loaded again, as
+    Video-R1 does, with ``rope_positions``).
     """
     if beta == 0:
         return None
     if isinstance(source, nn.Module):
         return freeze(copy.deepcopy(source))
-    return freeze(load_model(source, dtype=dtype, attn_implementation=attn_implementation, device=device)[0])
+    return freeze(load_model(source, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                             rope_positions=rope_positions)[0])
