@@ -107,8 +107,8 @@ def test_frozen_weight_and_no_grad():
     xd = x.detach().double().requires_grad_()
     reference.linear_logprobs(xd, w.double(), idx).sum().backward()
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        logp = fused.linear_logprobs(x.view(4, 5, 24), w, idx.view(4, 5))
+    with torch.no_grad():  # int32 ids are accepted (the kernels read int64)
+        logp = fused.linear_logprobs(x.view(4, 5, 24), w, idx.view(4, 5).int())
     assert logp.shape == (4, 5) and not logp.requires_grad
     torch.testing.assert_close(logp.double(), reference.linear_logprobs(xd.detach(), w.double(), idx).view(4, 5),
                                rtol=0, atol=1e-5)

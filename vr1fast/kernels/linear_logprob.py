@@ -11,22 +11,24 @@ Shapes and dtypes: hidden [..., H], weight [V, H] (both fp32, bf16 or fp16, same
 (``requires_grad=False``, e.g. LoRA) skips the dW GEMM. bf16/fp16 GEMMs accumulate in fp32 and the logits are never
 rounded; fp32 inputs use 3xTF32 dots (≈fp32 accuracy on tensor cores; the model's head itself runs bf16).
 
-Design (chosen over the alternatives in reference/kernels.md §7.2, for these reasons):
-* Forward: one Triton kernel on a 2-D grid (token blocks × vocab splits of SPLIT_V columns). Each program runs
-  the bf16 tile GEMM z = X Wᵀ for its vocab tiles (fp32 accumulator) and keeps online per-row statistics
-  (max m, Σe^{s−m}, Σe^{s−m}·s, target logit); a few O(N·V/SPLIT_V) torch ops merge the splits into
-  lse, logp and entropy. Splitting the vocab (verl's layout) instead of one program per token block looping over
-  all of V gives 149 programs per token block at Qwen's V=152064, so even N=2k fills an H100's 132 SMs; the
-  partials are 12 bytes per (row, split) (~29 MB at N=16k). Token blocks sit on grid axis 0, so there is no
-  65,535-block limit on the token count (Liger #1294). logp ≤ 0 exactly: the target logit is read from the
-  same fp32 tile as the maxima, and lse = m + log Σ ≥ m.
-* Backward: recompute (8NHV in all), split over vocab chunks: a Triton kernel rewrites dz for one chunk
-  [N, C] into a bounded buffer (input dtype, at most 1/DZ_FRACTION of the weight's bytes), then cuBLAS does
-  dX += dz W_c (accumulated in fp32 across chunks) and dW_c = dzᵀ X (written once, complete). The bound keeps the
-  head's peak within 1.2× (inputs + dW) at Qwen's 8k-token shape; each chunk costs one fp32 read-modify-write of
-  dX (a few % of the chunk's GEMM time at ~10k columns), so chunks should not get much narrower. Two thirds of the backward FLOPs thus run at
-  cuBLAS speed; a fully fused Triton backward would need either N×H accumulators per program or atomics over
-  V/BLOCK_N partial sums per dX element (CCE's way; cheap only with its approximate gradient filtering).
+Design (chosen over the alternatives in reference/kernels.md §7.2; no GPU was available while writing it, so the
+choices rest on FLOP/byte counts and on the sm_90 compiler's output — registers, spills, shared memory, pipelined
+loads — checked by the AOT test; the tile shape is autotuned on the GPU and benchmarks/ measures the rest):
+* Forward: one Triton kernel over (token block × vocab split of SPLIT_V columns). Each program runs the bf16 tile
+  GEMM z = X Wᵀ for its vocab tiles (fp32 accumulator) and keeps online per-row statistics (max m, Σe^{s−m},
+  Σe^{s−m}·s, target logit); a few O(N·V/SPLIT_V) torch ops merge the splits into lse, logp and entropy.
+  Splitting the vocab (verl's layout) rather than one program per token block looping over all of V gives 149
+  programs per token block at Qwen's V=152064, so even N=2k fills an H100's 132 SMs; the partials are 12 bytes
+  per (row, split) (~29 MB at N=16k). The grid is 1-D in grouped order (``_grouped``), so the token count has no
+  65,535-block limit (Liger #1294) and the resident programs share hidden and weight blocks in L2. logp ≤ 0
+  exactly: the target logit comes from the same fp32 tile as the maxima, and lse = m + log Σ ≥ m.
+* Backward: recompute (8NHV in all), split over vocab chunks: a Triton kernel writes dz for one chunk [N, C] into
+  a bounded buffer (input dtype, at most 1/DZ_FRACTION of the weight's bytes), then cuBLAS does dX += dz W_c
+  (accumulated in fp32 across chunks) and dW_c = dzᵀ X (complete, written once). Two thirds of the backward FLOPs
+  thus run at cuBLAS speed; a fully fused Triton backward would need N×H accumulators per program or atomics over
+  V/BLOCK_N partial sums per dX element (CCE's way; cheap only with its approximate gradient filtering). The
+  bound keeps the head's peak near 1.2× (inputs + dW) at Qwen's 8k-token shape; each chunk costs one fp32
+  read-modify-write of dX (a few % of the chunk's time at ~10k columns), so chunks should not get much narrower.
 * The GRPO loss is not fused: given per-token log-probs it is O(N) elementwise work, so ``linear_grpo_loss`` is
   ``reference.grpo_loss_from_logprobs`` on this module's log-probs and autograd feeds dLoss/dlogp back here.
   One loss implementation serves the reference, the logits-level kernel and this one.
@@ -41,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from vr1fast.kernels._triton import INTERPRET, Launch, check_device, dot_operand
-from vr1fast.kernels.reference import DEFAULTS, grpo_loss_from_logprobs
+from vr1fast.kernels.reference import grpo_loss_from_logprobs, resolve_cfg
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_M = 8  # token blocks per L2 group (see _grouped)
@@ -113,7 +115,7 @@ def _fwd_kernel(x_ptr, w_ptr, idx_ptr, pmax_ptr, psum_ptr, pdot_ptr, tgt_ptr,
                 N, V, H, stride_x, stride_w, num_splits, split_v, inv_t,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 UPCAST: tl.constexpr, F32: tl.constexpr, GROUP_M: tl.constexpr):
-    """Per (token block, vocab split): running max, Σe^{s−m}, Σe^{s−m}·s → partials [N, num_splits]; s_y → tgt."""
+    """One (token block, vocab split): max, Σe^{s−m}, Σe^{s−m}·s → partials [N, num_splits]; s_y → tgt."""
     pid_m, split = _grouped(tl.cdiv(N, BLOCK_M), num_splits, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -319,7 +321,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
     x = hidden.reshape(-1, hidden.shape[-1])
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    logp, entropy = LinearLogprob.apply(x, w, index.reshape(-1).contiguous(), float(temperature), vocab_chunk)
+    logp, entropy = LinearLogprob.apply(x, w, index.reshape(-1).long(), float(temperature), vocab_chunk)
     if not return_entropy:
         return logp.reshape(index.shape)
     return logp.reshape(index.shape), entropy.reshape(index.shape)
@@ -330,5 +332,6 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor
                      **cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss on hidden [B, T, H] through the head weight [V, H]: ``reference.grpo_loss_from_logprobs`` (maths,
     cfg keys, metrics) on this module's fused log-probs; gradients reach hidden and weight through them."""
-    logp = linear_logprobs(hidden, weight, index, cfg.get("temperature", DEFAULTS["temperature"]))
+    temperature = resolve_cfg(cfg)["temperature"]  # also rejects a bad cfg before the head runs
+    logp = linear_logprobs(hidden, weight, index, temperature)
     return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
