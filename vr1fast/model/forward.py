@@ -68,7 +68,7 @@ def prompt_embeds(model, inputs: Mapping[str, Tensor]) -> Tensor:
 
 
 def prompt_positions(model, inputs: Mapping[str, Tensor]) -> Tensor:
-    """M-RoPE positions of the left-padded prompts, [3, B, P] (0 on padding), as HF's ``get_rope_index``."""
+    """M-RoPE positions of the left-padded prompts, [3, B, P] (padding positions are filler: 1 under Video-R1 positions, 0 under 5.x), as HF's ``get_rope_index``."""
     positions, _ = model.model.get_rope_index(
         inputs["input_ids"], _require(inputs, "mm_token_type_ids"), image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),
