@@ -8,10 +8,15 @@ methods do nothing, so callers never branch on the rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from vr1fast.config import ConfigError, MetricsConfig
 
@@ -20,6 +25,25 @@ PLOT_PANELS = (
     ("temporal reward (1 = bonus fired, 0.5 = image prompt)", ("temporal_rewards",)),
     ("completion length (tokens)", ("completion_length",)),
 )
+
+
+class StageTimer:
+    """Wall seconds per stage of a step (``with timer("rollout"): ...``); synchronises CUDA at the stage edges, a
+    host sync that the per-stage split needs."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds[stage] += time.perf_counter() - start
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

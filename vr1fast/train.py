@@ -25,12 +25,12 @@ import math
 import random
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import transformers
 
 from vr1fast import ckpt, dist
 from vr1fast.config import Config, ConfigError, OptimConfig, parse_args, to_yaml
@@ -40,7 +40,7 @@ from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_image, load_video
-from vr1fast.metrics import Metrics
+from vr1fast.metrics import Metrics, StageTimer
 from vr1fast.model.forward import completion_hidden, reference_logprobs
 from vr1fast.model.load import build_model, freeze, load_model, tiny_model
 from vr1fast.rl.advantages import score_batch
@@ -76,24 +76,6 @@ class Run:
     total_steps: int
     last_checkpoint: Optional[Path] = None
     keepalive: Any = None                            # HfDeepSpeedConfig under ZeRO-3 (HF generate reads it)
-
-
-class StageTimer:
-    """Wall seconds per stage; synchronises CUDA at stage edges (this is the reference path, timed per stage)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds[stage] += time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- the step
@@ -312,8 +294,9 @@ def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
     return policy, ref, tokenizer
 
 
-def build(cfg: Config) -> tuple[Run, TrainState]:
-    """Process group, data, models, wrapping, optimizer, resume and metrics for ``cfg``."""
+def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]:
+    """Process group, data, models, wrapping, optimizer, resume and metrics for ``cfg``. ``models`` =
+    (policy, reference or None, tokenizer) replaces the configured ones (benchmarks build 7B-shaped models)."""
     info = dist.init(cfg.dist)
     dist.seed_everything(cfg.train.seed, info.rank)
     records = _records(cfg, info)
@@ -334,7 +317,7 @@ def build(cfg: Config) -> tuple[Run, TrainState]:
                           "(ranks would run the vision tower a different number of times); use 1 or fsdp2")
     if zero3 and cfg.model.path is not None:  # from_pretrained then builds the checkpoint partitioned (zero.Init)
         keepalive = dist.hf_deepspeed_config(ds_config)
-    policy_model, ref_model, tokenizer = _models(cfg, info, resume / "model" if resume else None)
+    policy_model, ref_model, tokenizer = models or _models(cfg, info, resume / "model" if resume else None)
     if zero3 and keepalive is None:  # the tiny model is built whole, as under every other strategy
         keepalive = dist.hf_deepspeed_config(ds_config)  # HF generate reads it (synced_gpus)
     policy = dist.wrap_policy(
@@ -380,6 +363,7 @@ def close(run: Run) -> Optional[Path]:
 def main(argv: Optional[list[str]] = None) -> None:
     """Parse, build, train, close. Expected failures print one line naming the cause and exit non-zero."""
     started = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every checkpoint
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         run, state = build(cfg)
