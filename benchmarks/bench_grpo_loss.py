@@ -105,7 +105,7 @@ def logits_case(res: Results, n: int, v: int, gbps: float) -> None:
 
     dev = res.args.device
     g = torch.Generator(device=dev).manual_seed(3)
-    full = torch.randn(SEQS, n // SEQS + 1, v, device=dev, generator=g).bfloat16()
+    full = torch.randn(SEQS, n // SEQS + 1, v, device=dev, generator=g, dtype=torch.bfloat16)
     index = torch.randint(0, v, (SEQS, n // SEQS), device=dev, generator=g)
     mask, adv, ref = rollout(n, v, dev)
     logits = full[:, :-1].contiguous().requires_grad_()

@@ -45,8 +45,8 @@ def liger_selective_log_softmax():
 
 def inputs(n: int, h: int, v: int, device: torch.device, grad: bool):
     g = torch.Generator(device=device).manual_seed(0)
-    hidden = (torch.randn(SEQS, n // SEQS, h, device=device, generator=g)).bfloat16().requires_grad_(grad)
-    weight = (torch.randn(v, h, device=device, generator=g) * h ** -0.5).bfloat16().requires_grad_(grad)
+    hidden = torch.randn(SEQS, n // SEQS, h, device=device, generator=g, dtype=torch.bfloat16).requires_grad_(grad)
+    weight = (torch.randn(v, h, device=device, generator=g, dtype=torch.bfloat16) * h ** -0.5).requires_grad_(grad)
     index = torch.randint(0, v, (SEQS, n // SEQS), device=device, generator=g)
     return hidden, weight, index
 
@@ -87,9 +87,9 @@ def logits_case(res: Results, n: int, v: int, gbps: float) -> None:
 
     shape = dict(N=n, H="", V=v, dtype="bf16")
     g = torch.Generator(device=res.args.device).manual_seed(1)
-    logits = torch.randn(SEQS, n // SEQS + 1, v, device=res.args.device, generator=g).bfloat16()
+    logits = torch.randn(SEQS, n // SEQS + 1, v, device=res.args.device, generator=g, dtype=torch.bfloat16)
     index = torch.randint(0, v, (SEQS, n // SEQS), device=res.args.device, generator=g)
-    body = logits[:, :-1]  # [B, L, V] view: what vr1fast and torch get (liger reads its [B, L+1, V] layout)
+    body = logits[:, :-1].contiguous()  # [B, L, V]: what vr1fast and torch get (liger reads [B, L+1, V])
     impls = dict(vr1fast=kernels.implementation("selective_log_softmax", "triton"),
                  torch_eager=lambda z, i: torch.stack([torch.log_softmax(r, -1).gather(-1, j[:, None])[:, 0]
                                                        for r, j in zip(z, i)]),
