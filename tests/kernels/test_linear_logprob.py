@@ -6,17 +6,13 @@ in a subprocess without the interpreter, because interpreted kernels cannot be c
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from vr1fast import kernels
 from vr1fast.kernels import linear_logprob as fused
 from vr1fast.kernels import reference
+from vr1fast.kernels._triton import aot_check
 
 T_ODD = 0.7
 
@@ -219,40 +215,14 @@ def test_parity_with_liger(loss_type, with_old):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-AOT_SCRIPT = r"""
-import json, torch, triton
-from triton.backends.compiler import GPUTarget
-from vr1fast.kernels import linear_logprob as fused
-
-def aligned(value):  # the JIT's specialisation: 16-byte-aligned tensors, ints divisible by 16
-    return isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0)
-
-out = []
-for launch in fused.aot_variants():
-    params, sig = launch.kernel.arg_names, launch.signature()
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in launch.args
-             and aligned(launch.args[p])}
-    src = triton.compiler.ASTSource(fn=launch.kernel, signature={p: sig[p] for p in params},
-                                    constexprs=dict(launch.constexprs), attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
-    out.append(dict(kernel=launch.kernel.__name__, dtype=sig["x_ptr"], block_n=launch.constexprs["BLOCK_N"],
-                    shared=k.metadata.shared, cubin=len(k.asm["cubin"]), ttgir=k.asm["ttgir"].count("async_copy")))
-print(json.dumps(out))
-"""
-
-
 def test_sm90_aot_compile_of_every_variant():
     """Both kernels × every tile config × every dtype the launchers can pick, compiled for sm_90 at the Qwen-7B head
     shape (as the JIT specialises it): a cubin each, inside the 227 KB of shared memory, with pipelined loads."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    compiled = aot_check("vr1fast.kernels.linear_logprob")
     names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     expected = {(k, names[d], c.kwargs["BLOCK_N"]) for k in ("_fwd_kernel", "_dlogits_kernel") for d in fused.DTYPES
                 for c in (fused.TILES_FP32 if d == torch.float32 else fused.TILES_16BIT)}
-    assert {(c["kernel"], c["dtype"], c["block_n"]) for c in compiled} == expected
+    assert {(c["kernel"], c["signature"]["x_ptr"], c["constexprs"]["BLOCK_N"]) for c in compiled} == expected
     assert len(compiled) == len(expected)
     for c in compiled:
-        assert c["cubin"] > 0 and 0 < c["shared"] <= 227 * 1024 and c["ttgir"] > 0, c
+        assert c["cubin"] > 0 and 0 < c["shared"] <= 227 * 1024 and c["async_copies"] > 0, c

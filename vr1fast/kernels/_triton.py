@@ -74,14 +74,23 @@ class Launch:
         return sig | {name: "constexpr" for name in self.constexprs}
 
 
+def _jit_aligned(value: Any) -> bool:
+    """The JIT's specialisation: tensors are 16-byte aligned (every torch allocation is), ints divisible by 16."""
+    return isinstance(value, torch.Tensor) or (type(value) is int and value % 16 == 0)
+
+
 def aot_compile(launch: Launch, arch: int = 90):
-    """Compile ``launch``'s kernel for ``cuda:sm_<arch>`` without a GPU; returns the compiled kernel."""
+    """Compile ``launch``'s kernel for ``cuda:sm_<arch>`` without a GPU, specialised as the JIT would at these
+    arguments (16-byte divisibility hints: without them Triton builds unpipelined loads and a smaller shared-memory
+    footprint, so an overflow at real shapes would pass); returns the compiled kernel."""
     from triton.backends.compiler import GPUTarget
 
     params = launch.kernel.arg_names
     sig = launch.signature()
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+             if p in launch.args and _jit_aligned(launch.args[p])}
     src = triton.compiler.ASTSource(fn=launch.kernel, signature={p: sig[p] for p in params},
-                                    constexprs=dict(launch.constexprs))
+                                    constexprs=dict(launch.constexprs), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 
@@ -92,15 +101,16 @@ from vr1fast.kernels._triton import aot_compile
 out = []
 for launch in importlib.import_module(sys.argv[1]).aot_variants():
     k = aot_compile(launch, int(sys.argv[2]))
-    out.append(dict(kernel=launch.kernel.__name__, constexprs=launch.constexprs, shared=k.metadata.shared,
-                    cubin=len(k.asm.get("cubin", b""))))
+    out.append(dict(kernel=launch.kernel.__name__, constexprs=launch.constexprs, signature=launch.signature(),
+                    shared=k.metadata.shared, cubin=len(k.asm.get("cubin", b"")),
+                    async_copies=k.asm["ttgir"].count("async_copy")))
 print(json.dumps(out))
 """
 
 
 def aot_check(module: str, arch: int = 90) -> list[dict]:
     """Compile ``module.aot_variants()`` for sm_<arch> in a fresh non-interpreted process: one dict per launch
-    (kernel name, constexprs, shared memory bytes, cubin size). Raises with the compiler's message on failure."""
+    (kernel name, constexprs, signature, shared memory bytes, cubin size, pipelined-load count). Raises with the compiler's message on failure."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module, str(arch)], env=env, capture_output=True,
                           text=True)
