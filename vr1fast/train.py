@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -84,7 +85,7 @@ class Run:
 def _autocast(run: Run):
     """bf16 autocast on GPU for the plain and DDP policy (FSDP2 and DeepSpeed bring their own mixed precision)."""
     on = run.cfg.train.bf16 and run.info.device.type == "cuda" and run.policy.strategy in ("none", "ddp")
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+    return torch.autocast(run.info.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 def _load_media(sample: Sample, cfg: Config) -> torch.Tensor:
@@ -374,7 +375,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         plot = close(run)
     except (ConfigError, MediaError, RecordError, NonFiniteLossError, FileNotFoundError) as e:
         dist.abort()
-        print(f"vr1fast.train: error: {e}", file=sys.stderr, flush=True)
+        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == "0" or not isinstance(e, ConfigError):  # a config error is the same on every rank
+            where = f" (rank {rank})" if world > 1 and not isinstance(e, ConfigError) else ""
+            print(f"vr1fast.train: error{where}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     if run.info.is_main:
         print(f"done: {run.total_steps} steps in {time.perf_counter() - started:.0f} s; metrics "
