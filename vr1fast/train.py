@@ -8,7 +8,7 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
     data.shuffle   build_shuffle_pair      → PromptBatch ordered (B prompts) + shuffled (video prompts only)
     rollout        generate                → completions [B·G, L] ordered, [B_video·S, L] shuffled
     rl.advantages  score_batch             → rewards, temporal bonus, length bonus, advantages [B·G]
-    model.forward  reference_logprobs      → frozen-reference log-probs [B·G, L] (k3 KL)
+    model.forward  completion_hidden + rl.loss.completion_logprobs → frozen-reference log-probs [B·G, L]
     model.forward  completion_hidden + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
     optimizer step → the next rollout sees the new weights at once; metrics; checkpoint
 
@@ -42,10 +42,10 @@ from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_image, load_video
 from vr1fast.metrics import Metrics, StageTimer
-from vr1fast.model.forward import completion_hidden, reference_logprobs
+from vr1fast.model.forward import completion_hidden
 from vr1fast.model.load import build_model, freeze, load_model, tiny_model
 from vr1fast.rl.advantages import score_batch
-from vr1fast.rl.loss import policy_loss
+from vr1fast.rl.loss import completion_logprobs, policy_loss
 from vr1fast.rollout import generate
 
 MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
@@ -161,6 +161,15 @@ def _policy_loss(model, inputs, completion_ids, completion_mask, advantages, ref
                        temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens)
 
 
+def _reference_logprobs(model, inputs, completion_ids, completion_mask, cfg: Config):
+    """Runs as the reference model's forward: no-grad log-probs on completion positions (``rl.loss``), through
+    the same kernels as the policy loss (``loss.impl``)."""
+    with torch.no_grad():
+        hidden, weight = completion_hidden(model, inputs, completion_ids, completion_mask,
+                                           num_samples=cfg.rollout.num_generations)
+        return completion_logprobs(hidden, weight, completion_ids, cfg.loss, temperature=cfg.rollout.temperature)
+
+
 def _check_finite(run: Run, state: TrainState, name: str, value: torch.Tensor) -> None:
     if dist.any_rank(not bool(torch.isfinite(value).all())):
         where = run.last_checkpoint or "none written yet"
@@ -191,8 +200,7 @@ def train_step(run: Run, state: TrainState) -> dict[str, float]:
                                   _shuffled_texts(run, pair, shuffled, len(samples)), cfg.reward)
         ids, mask = ordered.ids, ordered.mask
         with timer("ref"):
-            ref_lp = None if run.ref is None else run.ref.runner(
-                reference_logprobs, inputs, ids, mask, num_samples=G, temperature=cfg.rollout.temperature)
+            ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, mask, cfg)
         with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
             with _autocast(run):
                 loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, mask,

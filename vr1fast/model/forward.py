@@ -22,12 +22,11 @@ uses 1-D positions without it), ``second_per_grid_ts`` is kept (Video-R1 deletes
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from vr1fast.kernels import linear_logprobs
 from vr1fast.kernels.reference import selective_log_softmax
 
 IMAGE, VIDEO = 1, 2  # mm_token_type_ids values
@@ -152,13 +151,3 @@ def completion_logprobs_reference(model, inputs: Mapping[str, Tensor], completio
     rep["mm_token_type_ids"] = torch.cat([rep["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
     logits = model(**rep, use_cache=False).logits[:, prompt_len - 1: -1]
     return selective_log_softmax(logits, completion_ids, temperature)
-
-
-def reference_logprobs(model: Optional[torch.nn.Module], inputs: Mapping[str, Tensor], completion_ids: Tensor,
-                       completion_mask: Tensor, *, num_samples: int, temperature: float = 1.0) -> Optional[Tensor]:
-    """Per-token log-probs of a frozen model via the fast path (no grad), fp32 [B·G, L]; None without a model."""
-    if model is None:
-        return None
-    with torch.no_grad():
-        hidden, weight = completion_hidden(model, inputs, completion_ids, completion_mask, num_samples=num_samples)
-        return linear_logprobs(hidden, weight, completion_ids, temperature)
