@@ -15,6 +15,7 @@ API (import as ``from media import ...``; ``tests/`` is on sys.path through its 
     vfr_timestamps(n_fast, fast_fps, n_slow, slow_fps)  -> list[float]   seconds, spacing changes mid-file
     make_broken_media(folder)                           -> dict[str, Path]
     decode_all_frames(path)                             -> uint8 [N, H, W, 3]  (plain sequential PyAV decode)
+    sample_media(sample, frames)                        -> a record's media, frames evenly spaced (for later stages)
 
 ``codec`` is "h264" (libx264, .mp4/.mkv), "vp9" (libvpx-vp9, .webm/.mkv/.mp4) or "mpeg4"; ``rotate`` writes
 a display matrix rotating the picture ``rotate`` degrees counter-clockwise for display (PyAV's
@@ -29,6 +30,7 @@ from typing import Optional, Sequence
 
 import av
 import numpy as np
+import torch
 
 PALETTE = np.array([[230, 40, 40], [40, 220, 40], [40, 60, 230], [230, 220, 40],
                     [220, 40, 220], [40, 220, 220], [240, 140, 30], [150, 60, 240]], dtype=np.uint8)
@@ -121,6 +123,17 @@ def decode_all_frames(path) -> np.ndarray:
     """Every frame of ``path`` in decode-output order as uint8 RGB [N, H, W, 3], unrotated (plain PyAV)."""
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def sample_media(sample, frames: int):
+    """A record's media as uint8 [T, H, W, 3] (``frames`` evenly spaced, decoded in order) or [H, W, 3], at the
+    file's own size: independent of ``vr1fast.data.video``, for tests of later stages."""
+    if sample.data_type == "image":
+        from PIL import Image
+
+        return torch.from_numpy(np.array(Image.open(sample.path).convert("RGB")))
+    video = decode_all_frames(sample.path)
+    return torch.from_numpy(video[np.round(np.linspace(0, len(video) - 1, frames)).astype(int)])
 
 
 def _write_audio_only(path: Path) -> Path:

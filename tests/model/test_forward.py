@@ -3,12 +3,10 @@
 The model is the tiny Qwen2.5-VL with init std 0.1, so logits are peaked and position-sensitive: a 1-D or
 off-by-one M-RoPE position changes log-probs by ~0.3, a thousand times the tolerance used here.
 """
-import av
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from media import sample_media
 from vr1fast.data.dataset import load_records
 from vr1fast.data.processor import build_prompt_batch
 from vr1fast.data.prompts import build_messages
@@ -20,14 +18,6 @@ from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import TEXT_VOCAB_SIZE
 
 G, L = 3, 9
-
-
-def media(sample, frames):
-    if sample.data_type == "image":
-        return torch.from_numpy(np.array(Image.open(sample.path).convert("RGB")))
-    with av.open(sample.path) as c:
-        video = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-    return torch.from_numpy(video[np.round(np.linspace(0, len(video) - 1, frames)).astype(int)])
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,7 @@ def samples(tmp_path_factory):
 
 def batch_of(tok, picks):
     """picks: (sample, frames) pairs → model inputs of a left-padded PromptBatch."""
-    messages, media_list = [build_messages(s) for s, _ in picks], [media(s, f) for s, f in picks]
+    messages, media_list = [build_messages(s) for s, _ in picks], [sample_media(s, f) for s, f in picks]
     return build_prompt_batch(tok, messages, media_list).model_inputs()
 
 

@@ -5,13 +5,11 @@ are checked against a plain loop over the tokens. Greedy tests use the unbiased 
 EOS at once): prompt-major order against one-prompt batches, tokens against the argmax of a teacher-forced full
 forward.
 """
-import av
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
+from media import sample_media
 from vr1fast.config import RolloutConfig
 from vr1fast.data.dataset import load_records
 from vr1fast.data.processor import build_prompt_batch
@@ -22,14 +20,6 @@ from vr1fast.model.load import set_checkpointing, tiny_model
 from vr1fast.rollout import Rollout, generate, rollout
 
 S, MAX_NEW = 4, 12
-
-
-def media(sample, frames):
-    if sample.data_type == "image":
-        return torch.from_numpy(np.array(Image.open(sample.path).convert("RGB")))
-    with av.open(sample.path) as c:
-        video = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-    return torch.from_numpy(video[np.round(np.linspace(0, len(video) - 1, frames)).astype(int)])
 
 
 def eos_biased(model, eos: int, bias: float):
@@ -62,7 +52,7 @@ def picks(tmp_path_factory):
 
 
 def batch_of(tok, picks):
-    messages, media_list = [build_messages(s) for s, _ in picks], [media(s, f) for s, f in picks]
+    messages, media_list = [build_messages(s) for s, _ in picks], [sample_media(s, f) for s, f in picks]
     return build_prompt_batch(tok, messages, media_list).model_inputs()
 
 
@@ -182,7 +172,7 @@ def test_train_mode_with_checkpointing_is_restored_and_equal(plain, model_tok, b
 
 def test_ordered_and_shuffled_rollout(model_tok, picks):
     model, tok = model_tok
-    pair = build_shuffle_pair(tok, [build_messages(s) for s, _ in picks], [media(s, f) for s, f in picks],
+    pair = build_shuffle_pair(tok, [build_messages(s) for s, _ in picks], [sample_media(s, f) for s, f in picks],
                               torch.Generator().manual_seed(0))
     cfg = RolloutConfig(num_generations=4, num_shuffled=2, max_new_tokens=8, top_k=50, top_p=0.95)
     run = lambda seed: rollout(model, pair.ordered.model_inputs(), pair.shuffled.model_inputs(), cfg, seed=seed)
