@@ -123,3 +123,16 @@ def test_reference_model(saved):
     assert torch.equal(ref.lm_head.weight, before)  # an independent copy
     from_path = reference_model(saved, beta=0.04)
     assert not any(p.requires_grad for p in from_path.parameters()) and not from_path.training
+
+
+def test_build_model_checkpoints_a_loaded_checkpoint(saved):
+    """from_pretrained returns eval mode, where HF skips activation checkpointing: the policy built from a checkpoint
+    folder must recompute each decoder layer in backward (its MLP runs twice per forward + backward)."""
+    model, _ = build_model(ModelConfig(path=str(saved), gradient_checkpointing=True))
+    calls, mlp = [], model.model.language_model.layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)  # hooks skip the replay
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids),
+          use_cache=False).logits.float().sum().backward()
+    assert model.training and len(calls) == 2

@@ -132,7 +132,8 @@ def build_model(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = N
     """The policy named by ``cfg`` (tiny when ``cfg.path`` is None) with the training switches applied.
 
     Gradient checkpointing uses ``use_reentrant=False`` (as Video-R1's SFT; its RL trainer uses HF's default);
-    ``freeze_vision`` stops gradients into the vision tower.
+    ``freeze_vision`` stops gradients into the vision tower. The model is returned in train mode, as HF Trainer
+    puts Video-R1's policy: ``from_pretrained`` returns eval mode, where HF skips activation checkpointing.
     """
     if cfg.path is None:
         model, tokenizer = tiny_model(cfg.tiny_seed, dtype=resolve_dtype(cfg.dtype, device),
@@ -145,7 +146,7 @@ def build_model(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = N
         set_checkpointing(model, True)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
-    return model, tokenizer
+    return model.train(), tokenizer
 
 
 def set_checkpointing(model, enable: bool) -> None:
