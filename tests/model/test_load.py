@@ -136,3 +136,24 @@ def test_build_model_checkpoints_a_loaded_checkpoint(saved):
     model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids),
           use_cache=False).logits.float().sum().backward()
     assert model.training and len(calls) == 2
+
+
+def test_chat_template_from_processor_file(tmp_path):
+    """A folder whose tokenizer files carry no template but whose processor file does (chat_template.json) loads,
+    and the processor's template wins over the tokenizer's (Video-R1 renders with the processor)."""
+    folder = save_tiny(tmp_path / "m")
+    template = (folder / "chat_template.jinja").read_text()
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    expected = build_tiny_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert expected.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    _, tok = load_model(folder)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    (folder / "chat_template.jinja").write_text("WRONG")
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": "P{{ messages[0]['role'] }}"}))
+    assert load_model(folder)[1].apply_chat_template(messages, tokenize=False) == "Puser"
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").unlink()
+    with pytest.raises(ValueError, match=f"{folder}.*no chat template"):
+        load_model(folder)

@@ -1,6 +1,7 @@
 """Qwen2.5-VL models: a real checkpoint from a local folder, the tiny random model, and the frozen reference.
 
-- ``load_model(path)``: ``Qwen2_5_VLForConditionalGeneration`` + its tokenizer from a local HF folder (no hub).
+- ``load_model(path)``: ``Qwen2_5_VLForConditionalGeneration`` + its tokenizer from a local HF folder (no hub);
+  prompts render with the folder's processor chat template (``chat_template.json``) when it has one.
   The HF processor is not loaded: its video half needs torchvision, which has no CPU build that works beside
   transformers; pixels come from ``vr1fast.data.processor`` with the patch sizes of ``model.config.vision_config``
   (patch 14, temporal patch 2, merge 2 for every Qwen2.5-VL size).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -124,8 +126,25 @@ def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implem
         raise ValueError(f"model path {path}: model_type {config.model_type!r} is not qwen2_5_vl")
     model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
                                    attn_implementation=resolve_attn(attn_implementation, device))
+    return use_rope_positions(model.to(device or "cpu"), rope_positions), load_tokenizer(path)
+
+
+def load_tokenizer(path: Union[str, Path]):
+    """The tokenizer of a checkpoint folder, rendering prompts with the *processor's* chat template when the folder
+    has one (``chat_template.json``): Video-R1 renders with ``processor.apply_chat_template``, and a folder saved
+    by a processor may keep the template only there. ValueError naming the folder when it has no template at all.
+    """
+    path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return use_rope_positions(model.to(device or "cpu"), rope_positions), tokenizer
+    processor_template = path / "chat_template.json"
+    if processor_template.is_file():
+        try:
+            tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"model path {path}: chat_template.json has no readable 'chat_template': {e}") from None
+    if not tokenizer.chat_template:
+        raise ValueError(f"model path {path}: no chat template (neither in the tokenizer files nor chat_template.json)")
+    return tokenizer
 
 
 def build_model(cfg: ModelConfig, device: Optional[Union[str, torch.device]] = None):
