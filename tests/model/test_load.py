@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from vr1fast.config import ModelConfig
-from vr1fast.model.load import (build_model, is_checkpointing, load_model, reference_model, resolve_attn, resolve_dtype,
-                                save_tiny, tiny_config, tiny_model)
+from vr1fast.config import ConfigError, ModelConfig
+from vr1fast.model.load import (build_model, checkpoint_config, is_checkpointing, load_model, reference_model,
+                                resolve_attn, resolve_dtype, save_tiny, tiny_config, tiny_model)
 from vr1fast.model.tokenizer import build_tiny_tokenizer
 
 
@@ -83,9 +83,12 @@ def test_load_model_dtype(saved):
 def test_load_model_errors(tmp_path, saved):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
         load_model(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="/path/to/model: no config.json"):
+        checkpoint_config("/path/to/model")  # a placeholder path is never taken for a hub id
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="gpt2"):
+    with pytest.raises(ConfigError, match="gpt2"):  # a config error: vr1fast.train prints it as one line
         load_model(tmp_path)
+    assert checkpoint_config(saved).text_config.hidden_size == 64
 
 
 def test_resolve():

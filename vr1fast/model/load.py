@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig
 from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
-from vr1fast.config import ModelConfig
+from vr1fast.config import ConfigError, ModelConfig
 from vr1fast.model.rope import RopePositions, use_rope_positions
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
 
@@ -115,15 +115,23 @@ def save_tiny(out_dir: Union[str, Path], seed: int = 0) -> Path:
     return out
 
 
-def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implementation: str = "auto",
-               device: Optional[Union[str, torch.device]] = None, rope_positions: RopePositions = "videor1"):
-    """``(model, tokenizer)`` from a local Qwen2.5-VL checkpoint folder (offline; nothing is downloaded)."""
+def checkpoint_config(path: Union[str, Path]):
+    """The config of a local Qwen2.5-VL checkpoint folder, no weights read. A folder without config.json is a
+    FileNotFoundError, another model type a ConfigError, both naming the folder (never HF's hub-id error)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model path {path}: no config.json (expected a local HF Qwen2.5-VL folder)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type != "qwen2_5_vl":
-        raise ValueError(f"model path {path}: model_type {config.model_type!r} is not qwen2_5_vl")
+        raise ConfigError(f"model path {path}: model_type {config.model_type!r} is not qwen2_5_vl")
+    return config
+
+
+def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implementation: str = "auto",
+               device: Optional[Union[str, torch.device]] = None, rope_positions: RopePositions = "videor1"):
+    """``(model, tokenizer)`` from a local Qwen2.5-VL checkpoint folder (offline; nothing is downloaded)."""
+    path = Path(path)
+    checkpoint_config(path)
     model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
                                    attn_implementation=resolve_attn(attn_implementation, device))
     return use_rope_positions(model.to(device or "cpu"), rope_positions), load_tokenizer(path)
