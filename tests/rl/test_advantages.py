@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from vr1fast.config import RewardConfig
-from vr1fast.rl.advantages import (completion_lengths, group_advantages, length_bonus, score_batch,
-                                   temporal_bonus, total_rewards)
+from vr1fast.rl.advantages import group_advantages, length_bonus, score_batch, temporal_bonus, total_rewards
 
 
 def f32(*values):
@@ -139,12 +138,6 @@ def test_total_with_config_variants():
         total_rewards(acc, fmt[:3], lengths)
     with pytest.raises(ValueError, match="empty"):
         total_rewards(acc, fmt, lengths, shuffled_accuracy=f32())
-
-
-def test_completion_lengths_count_through_first_eos():
-    ids = torch.tensor([[5, 7, 2, 9, 2], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0], [9, 2, 2, 0, 0]])
-    assert completion_lengths(ids, 2).tolist() == [3, 5, 1, 2]
-    assert completion_lengths(ids, [2, 9]).tolist() == [3, 5, 1, 1]
 
 
 # ------------------------------------------------------------------ advantages

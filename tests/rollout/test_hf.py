@@ -17,7 +17,7 @@ from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.model.load import set_checkpointing, tiny_model
-from vr1fast.rollout import Rollout, generate, rollout
+from vr1fast.rollout import Rollout, completion_lengths, generate, rollout
 
 S, MAX_NEW = 4, 12
 
@@ -195,3 +195,9 @@ def test_bad_arguments(model_tok, batch):
         generate(model, batch, num_samples=2, max_new_tokens=4, engine="vllm")
     with pytest.raises(ValueError, match="num_samples"):
         generate(model, batch, num_samples=0, max_new_tokens=4)
+
+
+def test_completion_lengths_count_through_first_stop():
+    ids = torch.tensor([[5, 7, 2, 9, 2], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0], [9, 2, 2, 0, 0]])
+    assert completion_lengths(ids, [2]).tolist() == [3, 5, 1, 2]
+    assert completion_lengths(ids, [2, 9]).tolist() == [3, 5, 1, 1]

@@ -10,7 +10,7 @@ S shuffled completions (accuracy ``ã``); ``c_i = a_i > correct_threshold`` (0.1
   The logged flag is 1.0 when the condition held, 0.0 when not, 0.5 for prompts without a shuffled group.
 * length bonus ``l_i = ω·c_i·[l_min <= n_i <= l_max]`` (ω = 0.2, 320..512 inclusive), only when at least
   ``len_min_correct`` (2) completions of the group are correct. ``c_i`` uses the raw accuracy, never ``a + t``.
-  ``n_i`` counts tokens up to and including the first EOS (:func:`completion_lengths`); no EOS means the full length.
+  ``n_i`` counts tokens up to and including the first EOS (``vr1fast.rollout.completion_lengths``); no EOS means the full length.
 * total ``r_i = (a_i + t_i) + f_i + l_i``, summed in float32 in that order, as Video-R1 does.
 * advantage ``A_i = (r_i − mean_G r) / (std_G r + eps)``, unbiased std, eps = 1e-4.
 
@@ -29,14 +29,6 @@ from vr1fast.rl.rewards import format_reward, try_accuracy_reward
 
 NO_SHUFFLE_FLAG = 0.5  # Video-R1 logs temporal_rewards = 0.5 for prompts without a shuffled group
 MAX_KEPT_ERRORS = 5
-
-
-def completion_lengths(completion_ids: torch.Tensor, eos_token_id: Union[int, Sequence[int]]) -> torch.Tensor:
-    """[N, L] token ids → int64 [N]: tokens up to and including the first EOS, or L when there is none."""
-    eos = torch.as_tensor(eos_token_id, device=completion_ids.device).reshape(-1)
-    is_eos = torch.isin(completion_ids, eos)
-    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))
-    return first.to(torch.int64)
 
 
 def temporal_bonus(accuracy: torch.Tensor, shuffled_accuracy: Optional[torch.Tensor],
