@@ -72,6 +72,10 @@ class ModelConfig:
     tiny_seed: int = 0                    # init seed of the tiny model
     rope_positions: Literal["videor1", "transformers"] = "videor1"  # M-RoPE: Video-R1's transformers 4.x rule
     # (text after a video resumes at max(t, h, w) + 1) or the installed 5.x one; see vr1fast.model.rope
+    warmstart_steps: int = 0              # demo only (Video-R1 starts from an SFT checkpoint): teacher-forced steps
+    # of the tiny model on the synthetic SFT set before RL, cached (vr1fast.warmstart); 0 = off
+    warmstart_lr: float = 3e-3
+    warmstart_batch_size: int = 4
 
 
 @dataclass
@@ -203,11 +207,11 @@ def demo() -> Config:
     """The embedded default: synthetic temporal video-QA, the tiny model, a short CPU run."""
     cfg = Config(preset="demo")
     cfg.video = VideoConfig(max_frames=8, min_pixels=8 * 28 * 28, max_pixels=8 * 28 * 28)
-    cfg.rollout = RolloutConfig(num_generations=4, num_shuffled=2, max_new_tokens=48)
-    cfg.reward = RewardConfig(len_min=8, len_max=32)
+    cfg.rollout = RolloutConfig(num_generations=4, num_shuffled=2, max_new_tokens=96)
+    cfg.reward = RewardConfig(len_min=40, len_max=64)  # the synthetic SFT targets are 38..72 tokens with the EOS
     cfg.optim = OptimConfig(lr=1e-4, warmup_steps=2)
     cfg.train = TrainConfig(max_steps=12, prompts_per_rank=2, output_dir="runs/demo", save_every=6)
-    cfg.model = ModelConfig(gradient_checkpointing=False)
+    cfg.model = ModelConfig(gradient_checkpointing=False, warmstart_steps=300)
     return cfg
 
 
@@ -389,6 +393,12 @@ def validate(cfg: Config) -> None:
         (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
         (cfg.dist.zero_stage in (2, 3), "dist.zero_stage must be 2 or 3"),
         (cfg.reward.len_min <= cfg.reward.len_max, "reward.len_min must be <= reward.len_max"),
+        (cfg.model.warmstart_steps >= 0, "model.warmstart_steps must be >= 0 (0 = off)"),
+        (cfg.model.warmstart_steps == 0 or cfg.model.path is None,
+         f"model.warmstart_steps={cfg.model.warmstart_steps} warm-starts the tiny model only; with model.path "
+         f"pass --model.warmstart_steps=0"),
+        (cfg.model.warmstart_lr > 0 and cfg.model.warmstart_batch_size >= 1,
+         "model.warmstart_lr must be > 0 and model.warmstart_batch_size >= 1"),
     ]
     for ok, message in checks:
         if not ok:

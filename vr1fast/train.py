@@ -47,6 +47,7 @@ from vr1fast.model.load import build_model, freeze, load_model, tiny_model
 from vr1fast.rl.advantages import score_batch
 from vr1fast.rl.loss import completion_logprobs, policy_loss
 from vr1fast.rollout import generate
+from vr1fast.warmstart import cached_warm_start, load_warm_weights
 
 MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
 SUM_KEYS = ("skipped_media", "reward_exceptions")  # summed over ranks; every other metric is averaged
@@ -289,16 +290,43 @@ def _records(cfg: Config, info: dist.DistInfo) -> Records:
                         d)
 
 
+def _warm_start(cfg: Config, info: dist.DistInfo) -> Optional[Path]:
+    """With ``model.warmstart_steps``: the tiny model warm-started on the synthetic SFT set (``vr1fast.warmstart``),
+    trained once by rank 0 and cached under ``data.synthetic_dir``; the other ranks wait and load it."""
+    m, d = cfg.model, cfg.data
+    if not m.warmstart_steps:
+        return None
+
+    def make():
+        sft = generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed).sft_json
+        return cached_warm_start(sft, cfg.video, tiny_seed=m.tiny_seed, rope_positions=m.rope_positions,
+                                 steps=m.warmstart_steps, lr=m.warmstart_lr, batch_size=m.warmstart_batch_size,
+                                 seed=cfg.train.seed)
+    if info.is_main:
+        warm = make()
+        s = warm.stats
+        dist.print0(f"warm start: {'reused' if warm.reused else 'trained'} {warm.path} ({s['steps']} steps on "
+                    f"{s['examples']} SFT records, loss {s['loss_first']:.2f} → {s['loss_last']:.2f}, "
+                    f"{s['seconds']:.0f} s)")
+    dist.barrier()
+    return make().path
+
+
 def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
     """(policy, reference or None, tokenizer): the policy from ``model_dir`` (a checkpoint) or the configured
     source; the reference always from the configured source (the frozen *initial* policy)."""
     master = "float32" if cfg.model.dtype == "auto" and info.strategy != "deepspeed" else cfg.model.dtype
     source = dataclasses.replace(cfg.model, dtype=master, path=str(model_dir) if model_dir else cfg.model.path)
     policy, tokenizer = build_model(source, device="cpu")
+    warm = _warm_start(cfg, info)
+    if warm is not None and model_dir is None:
+        load_warm_weights(policy, warm)
     ref = None
     if cfg.loss.beta != 0:
         ref = (tiny_model(cfg.model.tiny_seed, tokenizer=tokenizer)[0] if cfg.model.path is None
                else load_model(cfg.model.path, dtype=cfg.model.dtype, device="cpu")[0])
+        if warm is not None:
+            load_warm_weights(ref, warm)
         freeze(ref)
     return policy, ref, tokenizer
 
