@@ -52,7 +52,8 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     argv = [f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", f"--train.output_dir={out}",
             "--train.max_steps=2", "--train.save_every=2", "--rollout.num_generations=2",
             "--rollout.num_shuffled=2", "--rollout.max_new_tokens=6", "--metrics.progress_bar=false",
-            "--optim.lr=1e-3", "--optim.weight_decay=0.5", "--optim.warmup_steps=0", *STRATEGIES[strategy]]
+            "--optim.lr=1e-3", "--optim.weight_decay=0.5", "--optim.warmup_steps=0", "--model.warmstart_steps=0",
+            *STRATEGIES[strategy]]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

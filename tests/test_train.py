@@ -41,7 +41,7 @@ def small(synthetic: Path, out: Path, *extra: str) -> list[str]:
     return [f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", f"--train.output_dir={out}",
             "--train.prompts_per_rank=1", "--rollout.num_generations=2", "--rollout.num_shuffled=2",
             "--rollout.max_new_tokens=8", "--metrics.progress_bar=false", "--optim.lr=1e-3",
-            "--optim.weight_decay=0.5", *extra]
+            "--optim.weight_decay=0.5", "--model.warmstart_steps=0", *extra]
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
