@@ -121,7 +121,7 @@ def write_rows(args, cfg, steps: list[dict], peak_gib: float) -> None:
     n = int(round(length * g * prompts))
     shape = dict(N=n, H=3584 if not args.cpu_smoke else 64, V=152064 if not args.cpu_smoke else 960,
                  dtype="bf16" if not args.cpu_smoke else "fp32")
-    note = (f"layers={args.layers or 2}; G={g}+{cfg.rollout.num_shuffled}; max_new_tokens="
+    note = (f"layers={args.layers or 2}; G={g}+{cfg.rollout.shuffled_samples()}; max_new_tokens="
             f"{cfg.rollout.max_new_tokens}; mean completion {length:.0f} tokens; {prompts} prompt(s)/GPU, no sharding")
     for case in (*STAGES, "step"):
         ms = torch.tensor([s[f"time/{case}_s"] * 1e3 for s in steps], dtype=torch.float64)

@@ -22,7 +22,7 @@ def test_no_argument_is_the_demo_preset():
 def test_videor1_preset_has_the_video_r1_constants():
     """Values copied from Video-R1's run_grpo_video.sh / grpo_trainer.py (reference/video-r1.md §0, §7)."""
     cfg = parse_args(["--preset", "videor1"])
-    assert (cfg.rollout.num_generations, cfg.rollout.num_shuffled) == (8, 4)
+    assert (cfg.rollout.num_generations, cfg.rollout.shuffled_samples()) == (8, 4)
     assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 0.95)
     assert (cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_length) == (768, 16384)
     assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.weight_decay) == (1e-6, "cosine", 0.01)
@@ -96,3 +96,10 @@ def test_resolved_yaml_round_trips(tmp_path):
     path.write_text(to_yaml(cfg))
     again = parse_args(["--config", str(path)])
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_shuffled_count_defaults_to_half_the_group_and_one_update_per_rollout():
+    assert parse_args(["--preset=videor1", "--rollout.num_generations=16"]).rollout.shuffled_samples() == 8
+    assert parse_args(["--rollout.num_shuffled=0"]).rollout.shuffled_samples() == 0
+    with pytest.raises(ConfigError, match="num_iterations"):
+        parse_args(["--loss.num_iterations=2"])

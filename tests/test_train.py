@@ -173,6 +173,28 @@ def test_bad_config_is_one_line_naming_the_field(capsys):
     assert len(err) == 1 and "train.max_step" in err[0]
 
 
+def _one_line_error(capsys, argv: list[str], code: int = 1) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_missing_model_folder_is_one_line_naming_it(synthetic, tmp_path, capsys):
+    missing = tmp_path / "no_such_checkpoint"
+    line = _one_line_error(capsys, small(synthetic, tmp_path / "run", f"--model.path={missing}",
+                                        "--model.warmstart_steps=0"))
+    assert str(missing) in line
+
+
+def test_prompt_over_max_prompt_length_names_the_record(synthetic, tmp_path, capsys):
+    line = _one_line_error(capsys, small(synthetic, tmp_path / "run", "--rollout.max_prompt_length=40",
+                                        "--train.max_steps=1"))
+    assert "rl.json: record" in line and "rollout.max_prompt_length=40" in line
+
+
 def _two_record_set(synthetic: Path, folder: Path) -> Path:
     """A copy of two synthetic video records: record 0 intact, record 1's video truncated to half its bytes."""
     records = [r for r in json.loads((synthetic / "rl.json").read_text()) if r["data_type"] == "video"][:2]

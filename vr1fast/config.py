@@ -82,12 +82,16 @@ class ModelConfig:
 class RolloutConfig:
     engine: Literal["hf", "fast"] = "hf"  # hf = HF generate as Video-R1 calls it (the baseline)
     num_generations: int = 8              # G ordered completions per prompt
-    num_shuffled: int = 4                 # completions on the shuffled video (Video-R1: G // 2); 0 disables
+    num_shuffled: Optional[int] = None    # completions on the shuffled video; None = G // 2 (Video-R1); 0 disables
     temperature: float = 1.0
     top_p: float = 0.95
     top_k: int = 50                       # Video-R1's GenerationConfig left transformers 4.x's default 50; 0 = off
     max_new_tokens: int = 768
-    max_prompt_length: int = 16384
+    max_prompt_length: int = 16384        # a longer prompt is an error naming its record (Video-R1 truncates)
+
+    def shuffled_samples(self) -> int:
+        """Completions per shuffled prompt: ``num_shuffled``, or G // 2 as Video-R1 when it is None."""
+        return self.num_generations // 2 if self.num_shuffled is None else self.num_shuffled
 
 
 @dataclass
@@ -374,7 +378,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks a type cannot express; raises ConfigError naming the field."""
     checks = [
         (cfg.rollout.num_generations >= 2, "rollout.num_generations must be >= 2 (group std needs two samples)"),
-        (cfg.rollout.num_shuffled >= 0, "rollout.num_shuffled must be >= 0"),
+        (cfg.rollout.shuffled_samples() >= 0, "rollout.num_shuffled must be >= 0"),
         (0.0 < cfg.rollout.top_p <= 1.0, "rollout.top_p must be in (0, 1]"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0"),
         (cfg.rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)"),
@@ -384,7 +388,7 @@ def validate(cfg: Config) -> None:
         (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),
         (cfg.video.fps > 0, "video.fps must be > 0"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
-        (cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1"),
+        (cfg.loss.num_iterations == 1, "loss.num_iterations: only 1 update per rollout (Video-R1's) is implemented"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0"),
         (cfg.train.prompts_per_rank >= 1, "train.prompts_per_rank must be >= 1"),

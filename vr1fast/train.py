@@ -43,7 +43,8 @@ from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_image, load_video
 from vr1fast.metrics import Metrics, StageTimer
 from vr1fast.model.forward import completion_hidden
-from vr1fast.model.load import build_model, freeze, load_model, tiny_model
+from vr1fast.model.load import (build_model, checkpoint_config, freeze, reference_model, resolve_attn,
+                                tiny_model)
 from vr1fast.rl.advantages import score_batch
 from vr1fast.rl.loss import completion_logprobs, policy_loss
 from vr1fast.rollout import generate
@@ -147,7 +148,7 @@ def _shuffled_texts(run: Run, pair, rollout, num_prompts: int) -> Optional[list[
     """Per prompt: its shuffled completions' texts (video prompts) or None (images, temporal off)."""
     if rollout is None:
         return None
-    texts, s = _texts(run, rollout), run.cfg.rollout.num_shuffled
+    texts, s = _texts(run, rollout), run.cfg.rollout.shuffled_samples()
     out: list[Optional[list[str]]] = [None] * num_prompts
     for j, row in enumerate(pair.video_rows):
         out[row] = texts[j * s:(j + 1) * s]
@@ -171,6 +172,16 @@ def _reference_logprobs(model, inputs, completion_ids, completion_mask, cfg: Con
         return completion_logprobs(hidden, weight, completion_ids, cfg.loss, temperature=cfg.rollout.temperature)
 
 
+def _check_prompt_lengths(lengths: list[int], samples: list[Sample], limit: int) -> None:
+    """Video-R1 left-truncates prompts to ``max_prompt_length`` (harmless at 16384); a cut through the video's
+    tokens cannot be fed to the model, so a longer prompt is an error naming its record instead."""
+    for n, sample in zip(lengths, samples):
+        if n > limit:
+            raise RecordError(sample.source, sample.index, "path", f"the prompt with {sample.path} has {n} tokens, "
+                              f"over rollout.max_prompt_length={limit}; lower video.max_frames / video.max_pixels "
+                              f"or raise the limit")
+
+
 def _check_finite(run: Run, state: TrainState, name: str, value: torch.Tensor) -> None:
     if dist.any_rank(not bool(torch.isfinite(value).all())):
         where = run.last_checkpoint or "none written yet"
@@ -181,7 +192,7 @@ def _check_finite(run: Run, state: TrainState, name: str, value: torch.Tensor) -
 def train_step(run: Run, state: TrainState) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts."""
     cfg, device, timer, rows = run.cfg, run.info.device, StageTimer(run.info.device), []
-    G, S = cfg.rollout.num_generations, cfg.rollout.num_shuffled if cfg.reward.temporal else 0
+    G, S = cfg.rollout.num_generations, cfg.rollout.shuffled_samples() if cfg.reward.temporal else 0
     for micro in range(cfg.train.grad_accum):
         seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
         last = micro == cfg.train.grad_accum - 1
@@ -190,7 +201,9 @@ def train_step(run: Run, state: TrainState) -> dict[str, float]:
         with timer("processor"):
             messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
             pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
-                                      mode=cfg.data.frame_shuffle)
+                                      mode=cfg.data.frame_shuffle, allow_identity=cfg.data.shuffle_allow_identity,
+                                      second_per_grid_ts=cfg.data.second_per_grid_ts)
+            _check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
             inputs = pair.ordered.to(device).model_inputs()
         with timer("rollout"):
             ordered = _rollout(run, inputs, G, seed)
@@ -259,7 +272,9 @@ def train(run: Run, state: TrainState) -> TrainState:
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """HF Trainer's grouping, as Video-R1 gets it: no weight decay on biases and *layernorm* weights."""
+    """HF Trainer's grouping in Video-R1's transformers (4.46–4.50): no weight decay on parameters whose names
+    contain "bias", "layernorm" or "rmsnorm" (Qwen2.5-VL's ``*_layernorm``); ``model.norm``, the vision blocks'
+    ``norm1``/``norm2`` and the merger's ``ln_q`` are decayed there, so they are here (later HF exempts them)."""
     no_decay = [p for n, p in named if "bias" in n or "layernorm" in n or "rmsnorm" in n]
     ids = {id(p) for p in no_decay}
     decay = [p for _, p in named if id(p) not in ids]
@@ -316,15 +331,19 @@ def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
     """(policy, reference or None, tokenizer): the policy from ``model_dir`` (a checkpoint) or the configured
     source; the reference always from the configured source (the frozen *initial* policy)."""
     master = "float32" if cfg.model.dtype == "auto" and info.strategy != "deepspeed" else cfg.model.dtype
-    source = dataclasses.replace(cfg.model, dtype=master, path=str(model_dir) if model_dir else cfg.model.path)
+    attn = resolve_attn(cfg.model.attn_implementation, info.device)  # FA2 on a GPU with flash-attn, else SDPA
+    source = dataclasses.replace(cfg.model, dtype=master, attn_implementation=attn,
+                                 path=str(model_dir) if model_dir else cfg.model.path)
     policy, tokenizer = build_model(source, device="cpu")
     warm = _warm_start(cfg, info)
     if warm is not None and model_dir is None:
         load_warm_weights(policy, warm)
     ref = None
     if cfg.loss.beta != 0:
-        ref = (tiny_model(cfg.model.tiny_seed, tokenizer=tokenizer)[0] if cfg.model.path is None
-               else load_model(cfg.model.path, dtype=cfg.model.dtype, device="cpu")[0])
+        ref = (tiny_model(cfg.model.tiny_seed, tokenizer=tokenizer, attn_implementation=attn,
+                          rope_positions=cfg.model.rope_positions)[0] if cfg.model.path is None
+               else reference_model(cfg.model.path, beta=cfg.loss.beta, dtype=cfg.model.dtype,
+                                    attn_implementation=attn, device="cpu", rope_positions=cfg.model.rope_positions))
         if warm is not None:
             load_warm_weights(ref, warm)
         freeze(ref)
@@ -382,9 +401,7 @@ def _hidden_size(cfg: Config) -> int:
     if cfg.model.path is None:
         from vr1fast.model.load import TINY_TEXT
         return TINY_TEXT["hidden_size"]
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(cfg.model.path, local_files_only=True)
-    return getattr(config, "text_config", config).hidden_size
+    return checkpoint_config(cfg.model.path).text_config.hidden_size
 
 
 def close(run: Run) -> Optional[Path]:

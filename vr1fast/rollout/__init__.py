@@ -48,7 +48,7 @@ class Rollout:
 def rollout(model, ordered: Mapping[str, Tensor], shuffled: Optional[Mapping[str, Tensor]], cfg: RolloutConfig, *,
             eos_token_id: Union[int, Sequence[int], None] = None, seed: Optional[int] = None,
             **engine_kwargs) -> Rollout:
-    """Video-R1's two calls: ``cfg.num_generations`` samples per ordered prompt, then ``cfg.num_shuffled`` per
+    """Video-R1's two calls: ``cfg.num_generations`` samples per ordered prompt, then ``cfg.shuffled_samples()`` per
     shuffled (video) prompt, with the same sampling settings. Both draw in turn from one RNG stream: the global
     one (``seed=None``, as Video-R1) or a forked one seeded with ``seed``.
     """
@@ -60,6 +60,6 @@ def rollout(model, ordered: Mapping[str, Tensor], shuffled: Optional[Mapping[str
             torch.manual_seed(seed)
         first = generate(model, ordered, num_samples=cfg.num_generations, **settings)
         second = None
-        if shuffled is not None and cfg.num_shuffled > 0:
-            second = generate(model, shuffled, num_samples=cfg.num_shuffled, **settings)
+        if shuffled is not None and cfg.shuffled_samples() > 0:
+            second = generate(model, shuffled, num_samples=cfg.shuffled_samples(), **settings)
     return Rollout(first, second)
