@@ -89,7 +89,7 @@ def config(args, out: Path):
               "--metrics.progress_bar=false", f"--loss.impl={args.impl}", "--data.synthetic_size=8",
               f"--data.synthetic_dir={ROOT.parent / 'runs' / 'bench_synthetic'}"]
     if args.cpu_smoke:
-        return parse_args(["--preset=demo", *common])
+        return parse_args(["--preset=demo", *common, "--model.warmstart_steps=0"])  # plumbing only: no warm start
     return parse_args(["--preset=videor1", *common, f"--rollout.max_new_tokens={args.tokens}"])
 
 
