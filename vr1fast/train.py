@@ -298,11 +298,10 @@ def _records(cfg: Config, info: dist.DistInfo) -> Records:
     if cfg.data.path is not None:
         return load_records(cfg.data.path, cfg.data)
     d = cfg.data
-    if info.is_main:
-        generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed)
+    made = generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed) if info.is_main else None
     dist.barrier()
-    return load_records(generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed).rl_json,
-                        d)
+    made = made or generate_synthetic(d.synthetic_dir, n=d.synthetic_size, seed=d.synthetic_seed)  # reused
+    return load_records(made.rl_json, d)
 
 
 def _warm_start(cfg: Config, info: dist.DistInfo) -> Optional[Path]:
@@ -317,14 +316,14 @@ def _warm_start(cfg: Config, info: dist.DistInfo) -> Optional[Path]:
         return cached_warm_start(sft, cfg.video, tiny_seed=m.tiny_seed, rope_positions=m.rope_positions,
                                  steps=m.warmstart_steps, lr=m.warmstart_lr, batch_size=m.warmstart_batch_size,
                                  seed=cfg.train.seed)
-    if info.is_main:
-        warm = make()
+    warm = make() if info.is_main else None
+    if warm is not None:
         s = warm.stats
         dist.print0(f"warm start: {'reused' if warm.reused else 'trained'} {warm.path} ({s['steps']} steps on "
                     f"{s['examples']} SFT records, loss {s['loss_first']:.2f} → {s['loss_last']:.2f}, "
                     f"{s['seconds']:.0f} s)")
     dist.barrier()
-    return make().path
+    return (warm or make()).path  # the other ranks find rank 0's cache
 
 
 def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
