@@ -17,6 +17,7 @@ import pytest
 
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.metrics import read_jsonl
+from vr1fast.model.load import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = {
@@ -27,6 +28,8 @@ STRATEGIES = {
     "zero3": ["--dist.strategy=deepspeed", f"--dist.deepspeed_config={REPO / 'configs' / 'zero3.json'}",
               "--train.prompts_per_rank=1"],
 }
+# A real user's path: the policy and the reference loaded from a checkpoint folder, partitioned at load (zero.Init).
+STRATEGIES["zero3_folder"] = STRATEGIES["zero3"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,8 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
             "--rollout.num_shuffled=2", "--rollout.max_new_tokens=6", "--metrics.progress_bar=false",
             "--optim.lr=1e-3", "--optim.weight_decay=0.5", "--optim.warmup_steps=0", "--model.warmstart_steps=0",
             *STRATEGIES[strategy]]
+    if strategy == "zero3_folder":
+        argv.append(f"--model.path={save_tiny(tmp_path / 'tiny_checkpoint')}")  # the worker's initial weights
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
