@@ -3,6 +3,9 @@
 Trains with ``vr1fast.train`` (ARGS are its config overrides), then every rank gathers the full policy weights its
 own way (DDP / ZeRO-2: the local replica; FSDP2: ``full_tensor``; ZeRO-3: ``GatheredParameters``) and hashes
 them; rank 0 writes each rank's hash, the largest change from the initial tiny model, and the world size.
+It also counts the all-gather collectives each rank issues around one ``dist.rollout_call`` greedy generate of
+1 and of 4 new tokens on a real prompt: with the weights gathered once per call the count cannot grow with the
+number of decode steps.
 """
 import hashlib
 import json
@@ -10,10 +13,64 @@ import sys
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.distributed_c10d as c10d
 
+from vr1fast import dist
 from vr1fast.config import parse_args
+from vr1fast.data.prompts import build_messages
+from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.model.load import tiny_model
-from vr1fast.train import build, close, train
+from vr1fast.train import build, close, next_prompts, train
+
+GATHERS = [0]     # outermost all-gather calls (all_gather_into_tensor calls all_gather_single: counted once)
+DEPTH = [0]
+GATHER_FNS = ("all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather_coalesced")
+
+
+def _count_gathers() -> None:
+    """Wrap torch.distributed's all-gathers (before DeepSpeed binds them at init) with a call counter."""
+    for name in GATHER_FNS:
+        original = getattr(c10d, name, None)
+        if original is None:
+            continue
+
+        def counted(*args, _original=original, **kwargs):
+            GATHERS[0] += DEPTH[0] == 0
+            DEPTH[0] += 1
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                DEPTH[0] -= 1
+
+        setattr(c10d, name, counted)
+        setattr(tdist, name, counted)
+
+
+def _greedy(model, inputs, tokens: int, pad: int):
+    was_training = model.training
+    model.eval()
+    try:
+        return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                              pad_token_id=pad, synced_gpus=False)
+    finally:
+        model.train(was_training)
+
+
+def _gathers_per_generate(run, state) -> dict[int, int]:
+    """All-gathers this rank issues for one rollout_call generating exactly 1 and 4 tokens on its next prompt,
+    after a first call (which may find some ZeRO-3 parameters still gathered from the training step)."""
+    samples, media, _ = next_prompts(run, state, 12345)
+    pair = build_shuffle_pair(run.tokenizer, [build_messages(s, run.cfg.data.eval_mode) for s in samples], media,
+                              torch.Generator().manual_seed(0), mode=run.cfg.data.frame_shuffle)
+    inputs = pair.ordered.to(run.info.device).model_inputs()
+    counts = {}
+    for tokens in (1, 1, 4):
+        before = GATHERS[0]
+        with torch.no_grad():
+            out = dist.rollout_call(run.policy, _greedy, inputs, tokens, run.tokenizer.pad_token_id)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + tokens
+        counts[tokens] = GATHERS[0] - before
+    return counts
 
 
 def _full_weights(policy) -> dict[str, torch.Tensor]:
@@ -31,17 +88,20 @@ def _hf_name(name: str) -> str:
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
+    _count_gathers()
     cfg = parse_args(argv)
     initial = tiny_model(cfg.model.tiny_seed)[0].state_dict()  # before ZeRO-3's HfDeepSpeedConfig exists
     run, state = build(cfg)
     train(run, state)
+    gathers = _gathers_per_generate(run, state)
     weights = {_hf_name(n): t.float().cpu() for n, t in _full_weights(run.policy).items()}
     digest = hashlib.sha256()
     for name in sorted(weights):
         digest.update(name.encode() + weights[name].numpy().tobytes())
     moved = max((weights[k] - initial[k]).abs().max().item() for k in weights)
     rows = [None] * tdist.get_world_size()
-    tdist.all_gather_object(rows, {"rank": run.info.rank, "digest": digest.hexdigest(), "moved": moved})
+    tdist.all_gather_object(rows, {"rank": run.info.rank, "digest": digest.hexdigest(), "moved": moved,
+                                "gathers": gathers})
     if run.info.is_main:
         with open(out, "w") as f:
             json.dump({"ranks": rows, "world_size": run.info.world_size, "strategy": run.info.strategy}, f)

@@ -3,6 +3,8 @@
 Each run trains the tiny model for 2 steps (gradient accumulation where the strategy has its own path for it),
 then every rank gathers the full weights and hashes them: the ranks must hold the same weights, those weights
 must have moved from the initial model, and the HF checkpoint rank 0 wrote must hash to the same value.
+Under FSDP2 and ZeRO-3 a rollout gathers the weights once per generate: the all-gathers a rank issues for a
+4-token generate equal those for a 1-token one (per-layer gathering would add some for every decode step).
 DeepSpeed JIT-builds its shm op once per machine (about 65 s, cached in the torch_extensions dir).
 """
 import hashlib
@@ -75,4 +77,8 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    for rank in (a, b):
+        gathers = {int(k): v for k, v in rank["gathers"].items()}
+        assert gathers[4] == gathers[1], gathers
+        assert (gathers[1] > 0) == (strategy in ("fsdp2", "zero3", "zero3_folder")), gathers
     assert _hf_digest(out / "checkpoints" / "step_000002" / "model") == a["digest"]

@@ -279,17 +279,73 @@ def wrap_reference(model: nn.Module, info: DistInfo, *, bf16: bool, ds_config: O
 
 
 def rollout_call(wrapped: Wrapped, fn: Callable, *args, **kwargs):
-    """Run ``fn(model, ...)`` for generation: through the FSDP2 root (its hooks gather the root parameters), else on
-    the plain model (DDP replicas are whole; ZeRO-3 hooks gather each submodule as it runs)."""
-    if wrapped.strategy == "fsdp2":
-        return wrapped.runner(fn, *args, **kwargs)
-    return fn(wrapped.model, *args, **kwargs)
+    """Run ``fn(model, ...)`` for generation. Under FSDP2 and ZeRO-3 the full weights are gathered once for the
+    call (:func:`gathered_for_generation`), so no collective runs inside ``fn`` and ranks may generate different
+    numbers of tokens (no ``synced_gpus``). The gather itself is a collective: every rank must make the same
+    number of calls (:func:`gathers_for_generation`). DDP / ZeRO-2 replicas are whole already."""
+    with gathered_for_generation(wrapped):
+        if wrapped.strategy == "fsdp2":
+            return wrapped.runner(fn, *args, **kwargs)
+        return fn(wrapped.model, *args, **kwargs)
 
 
-def needs_synced_generate(wrapped: Wrapped) -> bool:
-    """Sharded weights: every rank must run the same number of forwards while any rank still generates."""
+def gathers_for_generation(wrapped: Wrapped) -> bool:
+    """Sharded weights (FSDP2, ZeRO-3): each :func:`rollout_call` all-gathers them, on every rank together."""
     return tdist.is_initialized() and tdist.get_world_size() > 1 and (
         wrapped.strategy == "fsdp2" or wrapped.zero_stage == 3)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(wrapped: Wrapped):
+    """Full weights on every rank for the body, sharded again after; a no-op for DDP / ZeRO-2 / none.
+
+    ZeRO-3: ``GatheredParameters`` over all parameters (read-only, ``modifier_rank=None``) with the per-module
+    fetch/release hooks removed and re-registered after, as Video-R1 gets through TRL's
+    ``unwrap_model_for_generation``. FSDP2: every FSDP unit (decoder layers, vision tower, root) is unsharded
+    with resharding after forward switched off, then resharded and its setting restored. Memory: the whole
+    model (in FSDP2's ``param_dtype``) lives on every rank during generation, as in Video-R1."""
+    if wrapped.strategy == "fsdp2":
+        with _fsdp_unsharded(wrapped.runner):
+            yield
+    elif wrapped.zero_stage == 3:
+        with _zero3_gathered(wrapped.engine):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _fsdp_unsharded(root: nn.Module):
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    root.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for group, info in zip(groups, saved):
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def _zero3_gathered(engine):
+    import deepspeed
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
 
 @contextlib.contextmanager

@@ -122,18 +122,17 @@ def _rollout(run: Run, inputs: dict, num_samples: int, seed: int, max_new_tokens
     with torch.no_grad(), _autocast(run):
         return dist.rollout_call(run.policy, generate, inputs, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, engine=cfg.engine,
-                                 synced_gpus=dist.needs_synced_generate(run.policy))
+                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, engine=cfg.engine)
 
 
 def _rollout_shuffled(run: Run, pair, inputs: dict, num_samples: int, seed: int):
     """The shuffled-video rollout, or None. With sharded weights a rank without a video prompt runs a 1-token
-    dummy generate instead (Video-R1 does this under ZeRO-3), so every rank joins the same collectives."""
+    dummy generate instead (Video-R1 does this under ZeRO-3), so every rank joins the same weight gather."""
     if not num_samples:
         return None
     if pair.shuffled is not None:
         return _rollout(run, pair.shuffled.to(run.info.device).model_inputs(), num_samples, seed)
-    if dist.needs_synced_generate(run.policy):
+    if dist.gathers_for_generation(run.policy):
         _rollout(run, inputs, 1, seed, max_new_tokens=1)
     return None
 
