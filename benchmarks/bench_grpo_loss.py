@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from _harness import Results, copy_gbps, parse_args, timed
+from _harness import Results, copy_gbps, parse_args
 from bench_logprobs import SEQS, SMOKE_H, SMOKE_V, H, V, inputs, torch_eager_logprobs
 
 CFG = dict(beta=0.04, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, kl_clamp=10.0)  # Video-R1

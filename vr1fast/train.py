@@ -41,6 +41,7 @@ from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_image, load_video
+from vr1fast.dsconfig import deepspeed_config, hf_deepspeed_config
 from vr1fast.metrics import Metrics, StageTimer
 from vr1fast.model.forward import completion_hidden
 from vr1fast.model.load import (build_model, checkpoint_config, freeze, reference_model, resolve_attn,
@@ -361,7 +362,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     bf16 = cfg.train.bf16 and info.device.type == "cuda"
     ds_config = keepalive = None
     if info.strategy == "deepspeed":
-        ds_config = dist.deepspeed_config(
+        ds_config = deepspeed_config(
             cfg.dist, hidden_size=_hidden_size(cfg), prompts_per_rank=cfg.train.prompts_per_rank,
             grad_accum=cfg.train.grad_accum, world_size=info.world_size, max_grad_norm=cfg.optim.max_grad_norm,
             bf16=bf16, optim=dataclasses.asdict(cfg.optim))
@@ -370,10 +371,10 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
         raise ConfigError("train.prompts_per_rank > 1 with images and videos mixed cannot run under DeepSpeed ZeRO-3 "
                           "(ranks would run the vision tower a different number of times); use 1 or fsdp2")
     if zero3 and cfg.model.path is not None:  # from_pretrained then builds the checkpoint partitioned (zero.Init)
-        keepalive = dist.hf_deepspeed_config(ds_config)
+        keepalive = hf_deepspeed_config(ds_config)
     policy_model, ref_model, tokenizer = models or _models(cfg, info, resume / "model" if resume else None)
     if zero3 and keepalive is None:  # the tiny model is built whole, as under every other strategy
-        keepalive = dist.hf_deepspeed_config(ds_config)  # HF generate reads it (synced_gpus)
+        keepalive = hf_deepspeed_config(ds_config)  # transformers' ZeRO-3 checks read it
     policy = dist.wrap_policy(
         policy_model, info, cfg.dist, bf16=bf16, ds_config=ds_config,
         make_optimizer=lambda named: torch.optim.AdamW(
