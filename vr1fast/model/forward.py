@@ -27,9 +27,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from vr1fast.data.processor import IMAGE, VIDEO
 from vr1fast.kernels.reference import selective_log_softmax
-
-IMAGE, VIDEO = 1, 2  # mm_token_type_ids values
 
 
 def _require(inputs: Mapping[str, Tensor], key: str) -> Tensor:

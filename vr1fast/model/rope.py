@@ -42,8 +42,9 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from vr1fast.data.processor import IMAGE, TEXT, VIDEO
+
 RopePositions = Literal["videor1", "transformers"]
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
 
 
 def _vision_positions(grid: Tensor, start: int, merge: int, seconds: Union[float, Tensor], tps: int,
