@@ -85,19 +85,6 @@ def _grpo_fwd_kernel(logits, index, weight, mask, adv, ref, old, wloss, dlogp, l
     tl.store(stats + 3 * N + rows, tl.where(live & (w > hi) & (a > 0.0), m, 0.0), mask=in_range)
 
 
-def token_weights(mask: Tensor, cfg: dict) -> Tensor:
-    """Aggregation weight c_t [B, T] of each token: loss = Σ c_t·L_t (see the module docstring)."""
-    B = mask.shape[0]
-    loss_type = cfg["loss_type"]
-    if loss_type == "grpo":
-        return mask / (B * mask.sum(-1, keepdim=True).clamp(min=1))
-    if loss_type == "bnpo":
-        return mask / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":
-        return mask / (B * cfg["max_completion_length"])
-    return mask / (mask.sum().clamp(min=1) if cfg["num_items"] is None else cfg["num_items"])
-
-
 def forward_launch(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tensor, ref: Optional[Tensor],
                    old: Optional[Tensor], cfg: dict) -> Launch:
     """Token-level forward: fills args wloss (c_t·L_t), dlogp (c_t·dL/dℓ_t), lse [N] and stats [4, N]."""
@@ -110,7 +97,7 @@ def forward_launch(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tens
     def flat(t: Tensor) -> Tensor:
         return t.reshape(-1).to(device=dev, dtype=torch.float32).contiguous()
 
-    args = dict(logits=x3, index=index.reshape(-1).long().contiguous(), weight=token_weights(m, cfg).reshape(-1),
+    args = dict(logits=x3, index=index.reshape(-1).long().contiguous(), weight=reference.token_weights(m, cfg).reshape(-1),
                 mask=m.reshape(-1).contiguous(), adv=advantages.to(device=dev, dtype=torch.float32).contiguous(),
                 ref=flat(ref) if has_ref else out[0], old=flat(old) if has_old else out[0], wloss=out[0],
                 dlogp=out[1], lse=out[2], stats=torch.empty(4, n, device=dev, dtype=torch.float32), N=n, T=T,

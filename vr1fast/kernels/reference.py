@@ -145,17 +145,18 @@ def k3(logprobs: Tensor, ref_logprobs: Tensor, kl_clamp: Optional[float]) -> Ten
     return torch.exp(x) - x - 1
 
 
-def _aggregate(per_token: Tensor, m: Tensor, loss_type: str, max_completion_length: Optional[int],
-               num_items) -> Tensor:
-    total = per_token * m
+def token_weights(mask: Tensor, cfg: dict) -> Tensor:
+    """Aggregation weight c_t [B, T] of each token of a resolved cfg: loss = Σ_t c_t·L_t (module docstring;
+    grpo's mean_i[Σ_t L·m / max(n_i, 1)] is Σ_t L·m / (B·max(n_i, 1))). The Triton loss kernel reads the same c_t."""
+    B = mask.shape[0]
+    loss_type = cfg["loss_type"]
     if loss_type == "grpo":
-        return (total.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        return mask / (B * mask.sum(-1, keepdim=True).clamp(min=1))
     if loss_type == "bnpo":
-        return total.sum() / m.sum().clamp(min=1)
+        return mask / mask.sum().clamp(min=1)
     if loss_type == "dr_grpo":
-        return total.sum() / (m.shape[0] * max_completion_length)
-    normaliser = m.sum().clamp(min=1) if num_items is None else num_items
-    return total.sum() / normaliser
+        return mask / (B * cfg["max_completion_length"])
+    return mask / (mask.sum().clamp(min=1) if cfg["num_items"] is None else cfg["num_items"])
 
 
 def grpo_loss_from_logprobs(logprobs: Tensor, mask: Tensor, advantages: Tensor,
@@ -185,7 +186,7 @@ def grpo_loss_from_logprobs(logprobs: Tensor, mask: Tensor, advantages: Tensor,
         kl = k3(lp, ref_logprobs.to(lp.dtype), cfg["kl_clamp"])
         if cfg["beta"] != 0:
             per_token = per_token + cfg["beta"] * kl
-    loss = _aggregate(per_token, m, cfg["loss_type"], cfg["max_completion_length"], cfg["num_items"])
+    loss = (per_token * token_weights(m, cfg)).sum()
     return loss, _metrics(w.detach(), adv, m, lo, hi, kl)
 
 
