@@ -181,12 +181,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"selective_log_softmax: index shape {tuple(index.shape)} does not match logits "
                          f"{tuple(logits.shape)} without the vocab dim")
-    if torch.is_grad_enabled() and logits.requires_grad:
-        logp, ent = _LogProb.apply(logits, index, temperature, return_entropy)
-    else:
-        launch = forward_launch(logits, index, temperature, return_entropy)
-        launch()
-        logp, ent = launch.args["logp"].reshape(index.shape), launch.args["entropy"].reshape(index.shape)
+    logp, ent = _LogProb.apply(logits, index, temperature, return_entropy)  # no graph under no_grad / no grad
     return (logp, ent) if return_entropy else logp
 
 
