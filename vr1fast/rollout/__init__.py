@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from vr1fast.config import RolloutConfig
-from vr1fast.rollout.hf import Completions, completion_lengths, hf_generate
+from vr1fast.rollout.hf import Completions, completion_lengths, hf_generate, seeded
 
 ENGINES = ("hf",)
 
@@ -54,10 +53,7 @@ def rollout(model, ordered: Mapping[str, Tensor], shuffled: Optional[Mapping[str
     """
     settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k=cfg.top_k, eos_token_id=eos_token_id, engine=cfg.engine, **engine_kwargs)
-    device = ordered["input_ids"].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed, ordered["input_ids"]):
         first = generate(model, ordered, num_samples=cfg.num_generations, **settings)
         second = None
         if shuffled is not None and cfg.shuffled_samples() > 0:

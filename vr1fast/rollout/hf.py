@@ -20,7 +20,8 @@ Deviations from Video-R1, both only where its behaviour is an accident:
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -36,8 +37,21 @@ class Completions(NamedTuple):
     @property
     def mask(self) -> Tensor:
         """int64 [B·S, L]: 1 up to and including the first stop token."""
-        steps = torch.arange(self.ids.shape[1], device=self.ids.device)
-        return (steps[None, :] < self.lengths[:, None]).long()
+        return _within(self.lengths, self.ids.shape[1]).long()
+
+
+def _within(lengths: Tensor, width: int) -> Tensor:
+    """bool [N, width]: True at positions < lengths[n]."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+@contextmanager
+def seeded(seed: Optional[int], like: Tensor) -> Iterator[None]:
+    """Seed a forked RNG (CPU, and ``like``'s GPU when it is on CUDA) for the block; no-op when seed is None."""
+    with torch.random.fork_rng(devices=[like.device] if like.is_cuda else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def _as_list(value: Union[int, Sequence[int], None]) -> list[int]:
@@ -101,18 +115,11 @@ def hf_generate(model, inputs: Mapping[str, Tensor], *, num_samples: int, max_ne
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(inputs["input_ids"]), enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed, inputs["input_ids"]):
             out = model.generate(**inputs, generation_config=config, synced_gpus=synced_gpus)
     finally:
         model.train(was_training)
     ids = out[:, prompt_len:].repeat_interleave(num_samples // per_call, dim=0)
     lengths = completion_lengths(ids, stops)
-    steps = torch.arange(ids.shape[1], device=ids.device)
-    ids = ids.masked_fill(steps[None, :] >= lengths[:, None], pad)
+    ids = ids.masked_fill(~_within(lengths, ids.shape[1]), pad)
     return Completions(ids, lengths)
-
-
-def _cuda_devices(t: Tensor) -> list:
-    return [t.device] if t.is_cuda else []
