@@ -182,16 +182,28 @@ def _check_prompt_lengths(lengths: list[int], samples: list[Sample], limit: int)
                               f"or raise the limit")
 
 
-def _check_finite(run: Run, state: TrainState, name: str, value: torch.Tensor) -> None:
-    if dist.any_rank(not bool(torch.isfinite(value).all())):
+def _check_finite(run: Run, state: TrainState, values: dict[str, torch.Tensor]) -> None:
+    """One host sync and one all-reduce for the step: every rank stops if any value is NaN/inf on any rank."""
+    names = list(values)
+    finite = torch.stack([torch.isfinite(values[n]).all() for n in names]).tolist()
+    if dist.any_rank(not all(finite)):
+        name = next((n for n, ok in zip(names, finite) if not ok), names[0])
         where = run.last_checkpoint or "none written yet"
-        raise NonFiniteLossError(f"non-finite {name} ({float(value):.4g} on rank {run.info.rank}) at step "
+        raise NonFiniteLossError(f"non-finite {name} ({values[name].tolist()} on rank {run.info.rank}) at step "
                                  f"{state.step + 1}: stopping before the update; last checkpoint: {where}")
 
 
+def _to_host(rows: list[dict], device_rows: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """The micro-batches' device scalars (loss, its metrics, token counts) copied to the host in one go."""
+    keys = list(device_rows[0])
+    values = torch.stack([torch.stack([r[k].double() for k in keys]) for r in device_rows]).tolist()
+    return [{**row, **dict(zip(keys, vals))} for row, vals in zip(rows, values)]
+
+
 def train_step(run: Run, state: TrainState) -> dict[str, float]:
-    """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts."""
-    cfg, device, timer, rows = run.cfg, run.info.device, StageTimer(run.info.device), []
+    """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts. The loss
+    and gradient norm are checked once, after the last backward and before the update (one host sync)."""
+    cfg, device, timer, rows, device_rows = run.cfg, run.info.device, StageTimer(run.info.device), [], []
     G, S = cfg.rollout.num_generations, cfg.rollout.shuffled_samples() if cfg.reward.temporal else 0
     for micro in range(cfg.train.grad_accum):
         seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
@@ -219,20 +231,19 @@ def train_step(run: Run, state: TrainState) -> dict[str, float]:
             with _autocast(run):
                 loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, mask,
                                                        rewards.advantages.to(device), ref_lp, cfg)
-            _check_finite(run, state, "loss", loss.detach())
             dist.backward(run.policy, loss / cfg.train.grad_accum, last)
-        rows.append({**rewards.metrics(), "loss": loss.item(), "skipped_media": skipped,
-                     **{k: v.item() for k, v in loss_metrics.items()},
-                     "tokens": float(pair.ordered.attention_mask.sum() * G + ordered.lengths.sum())})
+        rows.append({**rewards.metrics(), "skipped_media": skipped})
+        device_rows.append({"loss": loss.detach(), **loss_metrics,
+                            "tokens": ordered.lengths.sum() + int(pair.ordered.attention_mask.sum()) * G})
     with timer("optimizer"):
         grad_norm = dist.clip_grad_norm(run.policy, cfg.optim.max_grad_norm)
-        if grad_norm is not None:
-            _check_finite(run, state, "grad norm", grad_norm)
+        checks = {"loss": torch.stack([r["loss"] for r in device_rows])}
+        _check_finite(run, state, checks if grad_norm is None else {**checks, "grad norm": grad_norm})
         lr = run.policy.scheduler.get_last_lr()[0]
         engine_norm = dist.optimizer_step(run.policy)
         grad_norm = engine_norm if engine_norm is not None else grad_norm
     state.step += 1
-    return _step_metrics(rows, timer.seconds, grad_norm, lr)
+    return _step_metrics(_to_host(rows, device_rows), timer.seconds, grad_norm, lr)
 
 
 def _step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: float) -> dict[str, float]:
