@@ -184,9 +184,6 @@ class Wrapped:
     engine: Optional[Any] = None     # the DeepSpeed engine (== runner) under deepspeed
     zero_stage: int = 0
 
-    def parameters(self):
-        return self.runner.parameters()
-
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -387,7 +384,3 @@ def optimizer_step(wrapped: Wrapped) -> Optional[torch.Tensor]:
     wrapped.scheduler.step()
     wrapped.optimizer.zero_grad(set_to_none=True)
     return None
-
-
-def current_lr(wrapped: Wrapped) -> float:
-    return wrapped.optimizer.param_groups[0]["lr"]
