@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from _harness import Results, copy_gbps, parse_args
-from bench_logprobs import SEQS, SMOKE_H, SMOKE_V, H, V, inputs, torch_eager_logprobs
+from bench_logprobs import SEQS, SMOKE_H, SMOKE_V, H, V, inputs, torch_eager_gather, torch_eager_logprobs
 
 CFG = dict(beta=0.04, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, kl_clamp=10.0)  # Video-R1
 
@@ -96,8 +96,7 @@ def head_cases(res: Results, n: int, h: int, v: int) -> None:
 def torch_eager_logits_loss(logits, index, mask, adv, ref):
     from vr1fast.kernels.reference import grpo_loss_from_logprobs
 
-    logp = torch.stack([torch.log_softmax(r, -1).gather(-1, i[:, None])[:, 0] for r, i in zip(logits, index)])
-    return grpo_loss_from_logprobs(logp, mask, adv, ref, **CFG)[0]
+    return grpo_loss_from_logprobs(torch_eager_gather(logits, index), mask, adv, ref, **CFG)[0]
 
 
 def logits_case(res: Results, n: int, v: int, gbps: float) -> None:

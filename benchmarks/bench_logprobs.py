@@ -23,15 +23,20 @@ H, V, SEQS = 3584, 152064, 8
 SMOKE_H, SMOKE_V = 32, 300  # --cpu-smoke shapes
 
 
+def torch_eager_gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's ``selective_log_softmax`` as Video-R1 runs it: log_softmax per sequence in the logits' dtype, gather.
+    logits [B, T, V], index [B, T] → [B, T]."""
+    return torch.stack([torch.log_softmax(row, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+                        for row, ids in zip(logits, index)])
+
+
 def torch_eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
-    """TRL's ``selective_log_softmax`` on the head's logits as Video-R1 runs it: logits in the model dtype,
-    log_softmax per sequence in that dtype, gather. hidden [B, T, H], weight [V, H], index [B, T] → [B, T]."""
+    """``torch_eager_gather`` on the head's logits in the model dtype. hidden [B, T, H], weight [V, H]."""
     logits = hidden @ weight.T
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.stack([torch.log_softmax(row, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-                        for row, ids in zip(logits, index)])
+    return torch_eager_gather(logits, index)
 
 
 def liger_selective_log_softmax():
@@ -91,8 +96,7 @@ def logits_case(res: Results, n: int, v: int, gbps: float) -> None:
     index = torch.randint(0, v, (SEQS, n // SEQS), device=res.args.device, generator=g)
     body = logits[:, :-1].contiguous()  # [B, L, V]: what vr1fast and torch get (liger reads [B, L+1, V])
     impls = dict(vr1fast=kernels.implementation("selective_log_softmax", "triton"),
-                 torch_eager=lambda z, i: torch.stack([torch.log_softmax(r, -1).gather(-1, j[:, None])[:, 0]
-                                                       for r, j in zip(z, i)]),
+                 torch_eager=torch_eager_gather,
                  vr1fast_reference=kernels.implementation("selective_log_softmax", "reference"))
     with torch.no_grad():
         for impl, fn in impls.items():
