@@ -16,6 +16,9 @@ API (import as ``from media import ...``; ``tests/`` is on sys.path through its 
     make_broken_media(folder)                           -> dict[str, Path]
     decode_all_frames(path)                             -> uint8 [N, H, W, 3]  (plain sequential PyAV decode)
     sample_media(sample, frames)                        -> a record's media, frames evenly spaced (for later stages)
+    prompt_inputs(tokenizer, picks)                     -> model inputs of the PromptBatch of (sample, frames) picks
+    random_frames(t, h, w, seed=0)                      -> uint8 [t, h, w, 3] uniform noise
+    conversation(question, kind)                        -> one user turn: a "video"/"image" entry, then the text
 
 ``codec`` is "h264" (libx264, .mp4/.mkv), "vp9" (libvpx-vp9, .webm/.mkv/.mp4) or "mpeg4"; ``rotate`` writes
 a display matrix rotating the picture ``rotate`` degrees counter-clockwise for display (PyAV's
@@ -134,6 +137,23 @@ def sample_media(sample, frames: int):
         return torch.from_numpy(np.array(Image.open(sample.path).convert("RGB")))
     video = decode_all_frames(sample.path)
     return torch.from_numpy(video[np.round(np.linspace(0, len(video) - 1, frames)).astype(int)])
+
+
+def prompt_inputs(tokenizer, picks):
+    """(sample, frames) pairs → ``build_prompt_batch(...).model_inputs()`` of their RL prompts (left-padded)."""
+    from vr1fast.data.processor import build_prompt_batch
+    from vr1fast.data.prompts import build_messages
+
+    messages, media_list = [build_messages(s) for s, _ in picks], [sample_media(s, f) for s, f in picks]
+    return build_prompt_batch(tokenizer, messages, media_list).model_inputs()
+
+
+def random_frames(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (t, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def conversation(question: str, kind: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
 
 
 def _write_audio_only(path: Path) -> Path:

@@ -4,20 +4,13 @@ import pytest
 import torch
 from transformers import Qwen2VLImageProcessorPil
 
+from media import conversation, random_frames
 from vr1fast.data.processor import build_prompt_batch, image_to_patches, video_to_patches
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import token_ids
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def frames_u8(t, h, w, seed=0):
-    return torch.randint(0, 256, (t, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def conversation(question, kind):
-    return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def model(model_and_tok):
 
 def test_video_layout_matches_closed_form_gather():
     t, h, w = 4, 56, 84
-    frames = frames_u8(t, h, w)
+    frames = random_frames(t, h, w)
     pv, grid = video_to_patches(frames)
     gt, gh, gw = t // 2, h // 14, w // 14
     assert grid.tolist() == [gt, gh, gw] and pv.shape == (gt * gh * gw, 1176) and pv.dtype == torch.float32
@@ -53,7 +46,7 @@ def test_video_layout_matches_closed_form_gather():
 
 
 def test_video_layout_single_entries_by_loops():
-    frames = frames_u8(6, 28, 56, seed=3)
+    frames = random_frames(6, 28, 56, seed=3)
     pv, _ = video_to_patches(frames)
     # (temporal patch, merge block row, block col, mh, mw) → row; (c, dt, py, px) → col, counted by loops
     gh, gw = 2, 4
@@ -70,7 +63,7 @@ def test_video_layout_single_entries_by_loops():
 
 @pytest.mark.parametrize("h,w", [(84, 112), (28, 28), (140, 56)])
 def test_image_equals_hf_pil_processor(h, w):
-    image = frames_u8(1, h, w, seed=h + w)[0]
+    image = random_frames(1, h, w, seed=h + w)[0]
     ours, grid = image_to_patches(image)
     proc = Qwen2VLImageProcessorPil()
     # HF's own resize keeps a size that is on the 28-grid and within its pixel bounds (min 56*56)
@@ -82,19 +75,19 @@ def test_image_equals_hf_pil_processor(h, w):
 
 def test_bad_frames_raise_clear_errors():
     with pytest.raises(ValueError, match="frame count.*T=3"):
-        video_to_patches(frames_u8(3, 28, 28))
+        video_to_patches(random_frames(3, 28, 28))
     with pytest.raises(ValueError, match="multiples of 28.*H=30"):
-        video_to_patches(frames_u8(2, 30, 28))
+        video_to_patches(random_frames(2, 30, 28))
     with pytest.raises(ValueError, match="uint8"):
-        video_to_patches(frames_u8(2, 28, 28).float())
+        video_to_patches(random_frames(2, 28, 28).float())
     with pytest.raises(ValueError, match=r"image: expected uint8 \[H, W, 3\]"):
-        image_to_patches(frames_u8(1, 28, 28)[0, :, :, :2])
+        image_to_patches(random_frames(1, 28, 28)[0, :, :, :2])
     with pytest.raises(ValueError, match="image: .*W=42"):
-        image_to_patches(frames_u8(1, 28, 42)[0])
+        image_to_patches(random_frames(1, 28, 42)[0])
 
 
 def test_prompt_batch_expands_pads_and_left_pads(tok):
-    video, image = frames_u8(4, 56, 84, seed=1), frames_u8(1, 28, 56, seed=2)[0]
+    video, image = random_frames(4, 56, 84, seed=1), random_frames(1, 28, 56, seed=2)[0]
     questions = ["What moves first?Options:\nA. red\nB. blue\n", "How many?"]
     batch = build_prompt_batch(tok, [conversation(questions[0], "video"), conversation(questions[1], "image")],
                                [video, image])
@@ -127,7 +120,7 @@ def test_prompt_batch_expands_pads_and_left_pads(tok):
 
 
 def test_prompt_batch_options_and_errors(tok):
-    videos = [frames_u8(2, 28, 28, seed=s) for s in range(2)]
+    videos = [random_frames(2, 28, 28, seed=s) for s in range(2)]
     convs = [conversation("a", "video"), conversation("b", "video")]
     batch = build_prompt_batch(tok, convs, videos, second_per_grid_ts=[0.5, 2.0], pad_to=200)
     assert batch.second_per_grid_ts.tolist() == [0.5, 2.0] and batch.input_ids.shape[1] == 200
@@ -141,13 +134,13 @@ def test_prompt_batch_options_and_errors(tok):
     with pytest.raises(ValueError, match="prompt 1: the chat template has more media placeholders"):
         build_prompt_batch(tok, convs, [videos[0], None])
     with pytest.raises(ValueError, match="prompt 1: frames: .*T=3"):
-        build_prompt_batch(tok, convs, [videos[0], frames_u8(3, 28, 28)])
+        build_prompt_batch(tok, convs, [videos[0], random_frames(3, 28, 28)])
     with pytest.raises(ValueError, match="media_list has 1"):
         build_prompt_batch(tok, convs, videos[:1])
 
 
 def test_tiny_model_accepts_left_padded_mixed_batch(tok, model):
-    video, image = frames_u8(4, 56, 56, seed=5), frames_u8(1, 56, 28, seed=6)[0]
+    video, image = random_frames(4, 56, 56, seed=5), random_frames(1, 56, 28, seed=6)[0]
     convs = [conversation("What moves first?", "video"), conversation("Count the red squares, please.", "image")]
     batch = build_prompt_batch(tok, convs, [video, image])
     assert batch.attention_mask[0, 0] == 0  # the video prompt is the shorter one here: left-padded

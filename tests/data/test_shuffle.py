@@ -4,22 +4,15 @@ from collections import Counter
 import pytest
 import torch
 
+from media import conversation, random_frames
 from vr1fast.data.processor import video_to_patches
 from vr1fast.data.shuffle import build_shuffle_pair, pair_permutation, shuffle_frames
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import build_tiny_tokenizer
 
 
-def frames_u8(t, h, w, seed=0):
-    return torch.randint(0, 256, (t, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def conversation(question, kind):
-    return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def rope_model(tok):
 
 
 def test_frame_shuffle_is_a_seeded_non_identity_permutation():
-    frames = frames_u8(8, 28, 28)
+    frames = random_frames(8, 28, 28)
     shuffled, perm = shuffle_frames(frames, gen(1))
     assert sorted(perm.tolist()) == list(range(8)) and perm.tolist() != list(range(8))
     for i, j in enumerate(perm.tolist()):
@@ -44,7 +37,7 @@ def test_frame_shuffle_is_a_seeded_non_identity_permutation():
 
 
 def test_two_frames_never_identity_unless_allowed():
-    frames = frames_u8(2, 28, 28)
+    frames = random_frames(2, 28, 28)
     g = gen(0)
     assert all(shuffle_frames(frames, g)[1].tolist() == [1, 0] for _ in range(200))
     # Video-R1's plain randperm: identity about half of the time for T = 2
@@ -61,7 +54,7 @@ def test_redraw_is_uniform_over_non_identity_permutations():
 
 
 def test_pair_shuffle_keeps_frame_pairs_intact():
-    frames = frames_u8(10, 28, 28, seed=4)
+    frames = random_frames(10, 28, 28, seed=4)
     shuffled, perm = shuffle_frames(frames, gen(2), mode="pair")
     assert perm.tolist() != list(range(10))
     originals = [frames[i] for i in range(10)]
@@ -77,15 +70,15 @@ def test_pair_shuffle_keeps_frame_pairs_intact():
 
 def test_shuffle_rejects_bad_arguments():
     with pytest.raises(ValueError, match="even frame count, got T=5"):
-        shuffle_frames(frames_u8(5, 28, 28), gen(0), mode="pair")
+        shuffle_frames(random_frames(5, 28, 28), gen(0), mode="pair")
     with pytest.raises(ValueError, match="'frame' or 'pair'"):
-        shuffle_frames(frames_u8(4, 28, 28), gen(0), mode="group")
+        shuffle_frames(random_frames(4, 28, 28), gen(0), mode="group")
 
 
 @pytest.mark.parametrize("mode", ["frame", "pair"])
 def test_ordered_and_shuffled_share_text_grid_and_positions(tok, rope_model, mode):
-    videos = [frames_u8(4, 56, 84, seed=10), frames_u8(6, 28, 56, seed=11)]
-    image = frames_u8(1, 84, 84, seed=12)[0]  # the longest prompt: the video rows are padded in both batches
+    videos = [random_frames(4, 56, 84, seed=10), random_frames(6, 28, 56, seed=11)]
+    image = random_frames(1, 84, 84, seed=12)[0]  # the longest prompt: the video rows are padded in both batches
     convs = [conversation("What moves first?", "video"), conversation("Count the squares in the picture.", "image"),
              conversation("Does the ball turn left or right?Options:\nA. left\nB. right\n", "video")]
     pair = build_shuffle_pair(tok, convs, [videos[0], image, videos[1]], gen(3), mode=mode)
@@ -126,6 +119,6 @@ def test_ordered_and_shuffled_share_text_grid_and_positions(tok, rope_model, mod
 
 
 def test_batch_without_video_has_no_shuffled_branch(tok):
-    pair = build_shuffle_pair(tok, [conversation("Count.", "image")], [frames_u8(1, 28, 28)[0]], gen(0))
+    pair = build_shuffle_pair(tok, [conversation("Count.", "image")], [random_frames(1, 28, 28)[0]], gen(0))
     assert pair.shuffled is None and pair.video_rows == () and pair.permutations == ()
     assert pair.ordered.pixel_values is not None

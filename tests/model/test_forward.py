@@ -6,10 +6,8 @@ off-by-one M-RoPE position changes log-probs by ~0.3, a thousand times the toler
 import pytest
 import torch
 
-from media import sample_media
+from media import prompt_inputs
 from vr1fast.data.dataset import load_records
-from vr1fast.data.processor import build_prompt_batch
-from vr1fast.data.prompts import build_messages
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.kernels.reference import selective_log_softmax
 from vr1fast.model.forward import (completion_hidden, completion_logprobs_reference, expand_prompts,
@@ -31,16 +29,10 @@ def samples(tmp_path_factory):
     return load_records(generate_synthetic(tmp_path_factory.mktemp("syn"), n=8, seed=0).rl_json)
 
 
-def batch_of(tok, picks):
-    """picks: (sample, frames) pairs → model inputs of a left-padded PromptBatch."""
-    messages, media_list = [build_messages(s) for s, _ in picks], [sample_media(s, f) for s, f in picks]
-    return build_prompt_batch(tok, messages, media_list).model_inputs()
-
-
 @pytest.fixture(scope="module")
 def mixed(model_tok, samples):
     """Three prompts of different lengths: an 8-frame video, an image, a 4-frame video."""
-    return batch_of(model_tok[1], [(samples[0], 8), (samples[6], 0), (samples[3], 4)])
+    return prompt_inputs(model_tok[1], [(samples[0], 8), (samples[6], 0), (samples[3], 4)])
 
 
 def completions(batch, pad, seed=0, vocab=TEXT_VOCAB_SIZE):
@@ -81,7 +73,7 @@ def test_batched_equals_single_prompt(model_tok, samples, mixed):
     ids, mask = completions(mixed, tok.pad_token_id, seed=1)
     batched = fast_logprobs(model, mixed, ids, mask)
     for b, pick in enumerate([(samples[0], 8), (samples[6], 0), (samples[3], 4)]):
-        single = batch_of(tok, [pick])
+        single = prompt_inputs(tok, [pick])
         rows = slice(b * G, (b + 1) * G)
         alone = fast_logprobs(model, single, ids[rows], mask[rows])
         torch.testing.assert_close(batched[rows][mask[rows].bool()], alone[mask[rows].bool()], atol=2e-5, rtol=0)

@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from media import sample_media
+from media import prompt_inputs, sample_media
 from vr1fast.config import RolloutConfig
 from vr1fast.data.dataset import load_records
-from vr1fast.data.processor import build_prompt_batch
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
@@ -51,14 +50,9 @@ def picks(tmp_path_factory):
     return [(samples[0], 8), (samples[6], 0), (samples[3], 4)]  # 8-frame video, image, 4-frame video
 
 
-def batch_of(tok, picks):
-    messages, media_list = [build_messages(s) for s, _ in picks], [sample_media(s, f) for s, f in picks]
-    return build_prompt_batch(tok, messages, media_list).model_inputs()
-
-
 @pytest.fixture(scope="module")
 def batch(model_tok, picks):
-    return batch_of(model_tok[1], picks)
+    return prompt_inputs(model_tok[1], picks)
 
 
 def first_stop(row, stops):
@@ -97,7 +91,7 @@ def test_prompt_major_order_and_left_padding(plain, model_tok, picks, batch):
     model, tok = plain, model_tok[1]
     together = generate(model, batch, num_samples=2, max_new_tokens=MAX_NEW, greedy=True)
     for b, pick in enumerate(picks):
-        alone = generate(model, batch_of(tok, [pick]), num_samples=1, max_new_tokens=MAX_NEW, greedy=True)
+        alone = generate(model, prompt_inputs(tok, [pick]), num_samples=1, max_new_tokens=MAX_NEW, greedy=True)
         k = int(alone.lengths[0])
         for row in (2 * b, 2 * b + 1):
             assert together.lengths[row] == k and torch.equal(together.ids[row, :k], alone.ids[0, :k])
