@@ -101,12 +101,7 @@ class _PyAVReader:
 
     def __init__(self, path, deadline: float, timeout_s: float):
         self.path, self.deadline, self.timeout_s = path, deadline, timeout_s
-        self.container = self._open()
-        self.stream = self.container.streams.best("video")
-        if self.stream is None or self.stream.codec_context is None:
-            self.container.close()
-            raise MediaError(path, "no video stream" if self.stream is None else "no decoder for its video codec")
-        self.stream.thread_type = "AUTO"
+        self._open()
         self.size = (self.stream.codec_context.width, self.stream.codec_context.height)
         pts, keys = [], []
         for n, packet in enumerate(self.container.demux(self.stream)):
@@ -121,9 +116,15 @@ class _PyAVReader:
         self.key_pts = [p for p, key in zip(pts, keys) if key]
         self.rotation: int | None = None
 
-    def _open(self):
+    def _open(self) -> None:
+        """(Re)open the file and pick its video stream; the interrupt callback bounds every blocking read."""
         remaining = max(self.deadline - time.monotonic(), 1e-3)
-        return av.open(str(self.path), timeout=remaining)  # interrupt callback bounds every blocking read
+        self.container = av.open(str(self.path), timeout=remaining)
+        self.stream = self.container.streams.best("video")
+        if self.stream is None or self.stream.codec_context is None:
+            self.container.close()
+            raise MediaError(self.path, "no video stream" if self.stream is None else "no decoder for its video codec")
+        self.stream.thread_type = "AUTO"
 
     def tick(self) -> None:
         _check_deadline(self.path, self.deadline, self.timeout_s)
@@ -168,9 +169,7 @@ class _PyAVReader:
 
     def decode_sequential(self, wanted: list[int]) -> dict[int, np.ndarray]:
         self.container.close()
-        self.container = self._open()
-        self.stream = self.container.streams.best("video")
-        self.stream.thread_type = "AUTO"
+        self._open()
         want, got = set(wanted), {}
         for pos, frame in enumerate(self.container.decode(self.stream)):
             self.tick()
