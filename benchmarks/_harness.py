@@ -75,7 +75,12 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int = 10, warmup
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return percentiles(times)
+
+
+def percentiles(ms: list[float]) -> tuple[float, ...]:
+    """(p20, p50, p80) of a list of times, linearly interpolated (torch.quantile)."""
+    q = torch.tensor(ms, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
     return tuple(q.tolist())
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _harness import ROOT, Results, _sig
+from _harness import ROOT, Results, _sig, percentiles
 
 STAGES = ("data", "processor", "rollout", "reward", "ref", "policy_fwd_bwd", "optimizer")
 TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -124,8 +124,7 @@ def write_rows(args, cfg, steps: list[dict], peak_gib: float) -> None:
     note = (f"layers={args.layers or 2}; G={g}+{cfg.rollout.shuffled_samples()}; max_new_tokens="
             f"{cfg.rollout.max_new_tokens}; mean completion {length:.0f} tokens; {prompts} prompt(s)/GPU, no sharding")
     for case in (*STAGES, "step"):
-        ms = torch.tensor([s[f"time/{case}_s"] * 1e3 for s in steps], dtype=torch.float64)
-        q = ms.quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+        q = percentiles([s[f"time/{case}_s"] * 1e3 for s in steps])
         row = dict(bench="step", case=case, impl=f"reference ({args.impl} kernels, HF generate)", **shape,
                    ms_p20=_sig(q[0]), ms_p50=_sig(q[1]), ms_p80=_sig(q[2]), note=note, **res.env)
         if case == "step":
