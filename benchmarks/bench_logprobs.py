@@ -30,13 +30,9 @@ def torch_eager_gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tenso
                         for row, ids in zip(logits, index)])
 
 
-def torch_eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
-    """``torch_eager_gather`` on the head's logits in the model dtype. hidden [B, T, H], weight [V, H]."""
-    logits = hidden @ weight.T
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch_eager_gather(logits, index)
+def torch_eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``torch_eager_gather`` on the head's logits in the model dtype (T = 1). hidden [B, T, H], weight [V, H]."""
+    return torch_eager_gather(hidden @ weight.T, index)
 
 
 def liger_selective_log_softmax():
