@@ -48,7 +48,7 @@ from vr1fast.config import VideoConfig
 from vr1fast.data.dataset import Sample, load_records
 from vr1fast.data.processor import PromptBatch, build_prompt_batch
 from vr1fast.data.prompts import build_sft_messages, sft_target
-from vr1fast.data.video import load_image, load_video
+from vr1fast.data.video import load_media
 from vr1fast.model.load import tiny_model
 
 VERSION = 1               # bump when the recipe changes: old caches are then ignored
@@ -77,8 +77,7 @@ def sft_examples(tokenizer, records: Sequence[Sample], video_cfg: Optional[Video
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
     for sample in records:
-        media = (load_video(sample.path, video_cfg) if sample.data_type == "video"
-                 else load_image(sample.path, video_cfg))
+        media = load_media(sample.path, sample.data_type, video_cfg)
         prompt = build_prompt_batch(tokenizer, [build_sft_messages(sample)[:-1]], [media])
         target = tokenizer(sft_target(sample), add_special_tokens=False)["input_ids"] + [eos]
         out.append(SFTExample(prompt, target))

@@ -174,6 +174,11 @@ def load_video(path: PathLike, cfg: Optional[VideoConfig] = None) -> torch.Tenso
     return read_video(path, cfg).frames
 
 
+def load_media(path: PathLike, data_type: str, cfg: Optional[VideoConfig] = None) -> torch.Tensor:
+    """A record's media by its ``data_type``: "video" → :func:`load_video`, otherwise :func:`load_image`."""
+    return load_video(path, cfg) if data_type == "video" else load_image(path, cfg)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """qwen-vl-utils' ``to_rgb``: RGBA is pasted on white through its alpha; every other mode is converted."""
     if image.mode == "RGBA":
