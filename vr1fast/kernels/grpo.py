@@ -5,8 +5,9 @@ Per token (s = z / T, ℓ = s_y - lse(s), A the row's advantage; maths and cfg k
     L = -min(w1·A, w2·A) + β·k3(clamp(ℓ_ref - ℓ, ±c))
     dL/dℓ = -A·w·(1[w ≤ δ] if branch 1 is the min, else 1[w in bounds]) (ties: half each, as torch.minimum)
             + β·(1 - e^x)·1[|ℓ_ref - ℓ| ≤ c]
-The loss is Σ_t c_t·L_t with the aggregation weight c_t of the loss type (grpo m/(B·max(n_i,1)), bnpo
-m/max(Σm,1), dr_grpo m/(B·max_completion_length), dapo m/num_items), so dLoss/dℓ_t = c_t·dL/dℓ_t.
+The loss is Σ_t c_t·L_t with the aggregation weight c_t of the loss type (``reference.token_weights``: grpo
+m/(B·max(n_i,1)), bnpo m/max(Σm,1), dr_grpo m/(B·max_completion_length), dapo m/num_items), so
+dLoss/dℓ_t = c_t·dL/dℓ_t.
 
 Token level: one fused forward pass over the logits per token computes lse, ℓ, L, c_t·dL/dℓ and the metric terms;
 masked tokens read no logits. Sequence level (GSPO) needs the row's mean log-ratio before any token's loss, so
