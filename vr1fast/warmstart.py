@@ -50,6 +50,7 @@ from vr1fast.data.processor import PromptBatch, build_prompt_batch
 from vr1fast.data.prompts import build_sft_messages, sft_target
 from vr1fast.data.video import load_media
 from vr1fast.model.load import tiny_model
+from vr1fast.model.tokenizer import token_ids
 
 VERSION = 1               # bump when the recipe changes: old caches are then ignored
 IGNORE = -100             # label of unsupervised positions
@@ -74,7 +75,7 @@ class WarmStart:
 
 def sft_examples(tokenizer, records: Sequence[Sample], video_cfg: Optional[VideoConfig] = None) -> list[SFTExample]:
     """Decode each record's media once and tokenise its SFT prompt and target."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = token_ids(tokenizer).eos
     out = []
     for sample in records:
         media = load_media(sample.path, sample.data_type, video_cfg)
