@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
+from media import conversation
 from vr1fast.data.processor import build_prompt_batch
 from vr1fast.kernels.reference import selective_log_softmax
 from vr1fast.model.forward import completion_hidden, completion_logprobs_reference
@@ -107,9 +108,8 @@ def media_batch(model_tok):
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (8, 56, 56, 3), generator=g, dtype=torch.uint8)
     image = torch.randint(0, 256, (56, 84, 3), generator=g, dtype=torch.uint8)
-    convs = [[{"role": "user", "content": [{"type": kind}, {"type": "text", "text": q}]}]
-             for kind, q in (("video", "What moves first?"),
-                             ("image", "Count the red squares in the picture, please, and say how many."))]
+    convs = [conversation("What moves first?", "video"),
+             conversation("Count the red squares in the picture, please, and say how many.", "image")]
     inputs = build_prompt_batch(tok, convs, [video, image]).model_inputs()
     assert inputs["attention_mask"][0, 0] == 0 and inputs["video_grid_thw"].tolist() == [[4, 4, 4]]
     return inputs
