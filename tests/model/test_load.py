@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from media import conversation
 from vr1fast.config import ConfigError, ModelConfig
 from vr1fast.model.load import (build_model, checkpoint_config, is_checkpointing, load_model, reference_model,
                                 resolve_attn, resolve_dtype, save_tiny, tiny_config, tiny_model)
@@ -68,7 +69,7 @@ def test_save_and_load_round_trip(tiny, saved):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     text = "What colour appears first? <answer>B</answer>"
     assert loaded_tok(text)["input_ids"] == tok(text)["input_ids"]
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    messages = conversation("hi", "video")
     assert loaded_tok.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
     assert loaded_tok.eos_token == "<|im_end|>" and loaded_tok.pad_token == "<|endoftext|>"
     assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
@@ -146,7 +147,7 @@ def test_chat_template_from_processor_file(tmp_path):
     and the processor's template wins over the tokenizer's (Video-R1 renders with the processor)."""
     folder = save_tiny(tmp_path / "m")
     template = (folder / "chat_template.jinja").read_text()
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    messages = conversation("hi", "video")
     expected = build_tiny_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert expected.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
     (folder / "chat_template.jinja").unlink()

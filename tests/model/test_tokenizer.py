@@ -5,6 +5,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from media import conversation
 from vr1fast.model.tokenizer import (EXTRA_ADDED_TOKENS, MODEL_VOCAB_SIZE, SPECIAL_TOKENS, TEXT_VOCAB_SIZE,
                                      build_tiny_tokenizer, token_ids)
 
@@ -17,7 +18,7 @@ def tok():
 
 
 def test_video_turn_renders_qwen_format(tok):
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    messages = conversation(QUESTION, "video")
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
@@ -81,7 +82,7 @@ def test_deterministic_across_builds_and_processes(tok):
 def test_save_and_load_roundtrip(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    messages = conversation(QUESTION, "video")
     render = dict(tokenize=False, add_generation_prompt=True)
     assert loaded.apply_chat_template(messages, **render) == tok.apply_chat_template(messages, **render)
     text = tok.apply_chat_template(messages, **render)
