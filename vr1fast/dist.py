@@ -273,6 +273,13 @@ def wrap_reference(model: nn.Module, info: DistInfo, *, bf16: bool, ds_config: O
     return Wrapped(Runner(model), model, info.strategy)
 
 
+def autocast(wrapped: Wrapped, device: torch.device, bf16: bool):
+    """bf16 autocast on GPU for the plain and DDP policy; FSDP2 (``MixedPrecisionPolicy``) and DeepSpeed (its
+    bf16 block) bring their own mixed precision."""
+    on = bf16 and device.type == "cuda" and wrapped.strategy in ("none", "ddp")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 def rollout_call(wrapped: Wrapped, fn: Callable, *args, **kwargs):
     """Run ``fn(model, ...)`` for generation. Under FSDP2 and ZeRO-3 the full weights are gathered once for the
     call (:func:`gathered_for_generation`), so no collective runs inside ``fn`` and ranks may generate different

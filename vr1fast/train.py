@@ -19,7 +19,6 @@ scored on its own); the LM head runs on completion positions only and the vision
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -86,9 +85,7 @@ class Run:
 
 
 def _autocast(run: Run):
-    """bf16 autocast on GPU for the plain and DDP policy (FSDP2 and DeepSpeed bring their own mixed precision)."""
-    on = run.cfg.train.bf16 and run.info.device.type == "cuda" and run.policy.strategy in ("none", "ddp")
-    return torch.autocast(run.info.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+    return dist.autocast(run.policy, run.info.device, run.cfg.train.bf16)
 
 
 def _load_media(sample: Sample, cfg: Config) -> torch.Tensor:
