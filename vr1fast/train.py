@@ -4,7 +4,7 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
 ``main()`` builds, ``train()`` loops, ``train_step()`` is the one place where the stages meet:
 
     data.dataset   Sampler.take            → Sample     (per rank; the global stream position is checkpointed)
-    data.video     load_video / load_image → Frames     uint8 [T, H, W, 3] / [H, W, 3], resized
+    data.video     load_media              → Frames     uint8 [T, H, W, 3] / [H, W, 3], resized
     data.shuffle   build_shuffle_pair      → PromptBatch ordered (B prompts) + shuffled (video prompts only)
     rollout        generate                → completions [B·G, L] ordered, [B_video·S, L] shuffled
     rl.advantages  score_batch             → rewards, temporal bonus, length bonus, advantages [B·G]
@@ -39,7 +39,7 @@ from vr1fast.data.errors import MediaError, RecordError
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
-from vr1fast.data.video import load_image, load_video
+from vr1fast.data.video import load_media
 from vr1fast.dsconfig import deepspeed_config, hf_deepspeed_config
 from vr1fast.metrics import Metrics, StageTimer
 from vr1fast.model.forward import completion_hidden
@@ -88,10 +88,6 @@ def _autocast(run: Run):
     return dist.autocast(run.policy, run.info.device, run.cfg.train.bf16)
 
 
-def _load_media(sample: Sample, cfg: Config) -> torch.Tensor:
-    return load_video(sample.path, cfg.video) if sample.data_type == "video" else load_image(sample.path, cfg.video)
-
-
 def next_prompts(run: Run, state: TrainState, seed: int) -> tuple[list[Sample], list[torch.Tensor], int]:
     """This rank's samples and decoded media; with ``data.skip_bad`` a broken file is replaced by a seeded draw
     (the stream position is global, so ranks stay in step) and counted."""
@@ -103,7 +99,7 @@ def next_prompts(run: Run, state: TrainState, seed: int) -> tuple[list[Sample], 
         for _ in range(MEDIA_RETRIES):
             sample = run.records[index]
             try:
-                media.append(_load_media(sample, cfg))
+                media.append(load_media(sample.path, sample.data_type, cfg.video))
                 samples.append(sample)
                 break
             except MediaError:
