@@ -6,7 +6,7 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
     data.dataset   Sampler.take            → Sample     (per rank; the global stream position is checkpointed)
     data.video     load_media              → Frames     uint8 [T, H, W, 3] / [H, W, 3], resized
     data.shuffle   build_shuffle_pair      → PromptBatch ordered (B prompts) + shuffled (video prompts only)
-    rollout        generate                → completions [B·G, L] ordered, [B_video·S, L] shuffled
+    rollout        rollout                 → completions [B·G, L] ordered, [B_video·S, L] shuffled
     rl.advantages  score_batch             → rewards, temporal bonus, length bonus, advantages [B·G]
     model.forward  completion_hidden + rl.loss.completion_logprobs → frozen-reference log-probs [B·G, L]
     model.forward  completion_hidden + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
@@ -47,7 +47,7 @@ from vr1fast.model.load import (build_model, checkpoint_config, freeze, referenc
                                 tiny_model)
 from vr1fast.rl.advantages import score_batch
 from vr1fast.rl.loss import completion_logprobs, policy_loss
-from vr1fast.rollout import generate
+from vr1fast.rollout import rollout
 from vr1fast.warmstart import cached_warm_start, load_warm_weights
 
 MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
@@ -111,37 +111,27 @@ def next_prompts(run: Run, state: TrainState, seed: int) -> tuple[list[Sample], 
     return samples, media, skipped
 
 
-def _rollout(run: Run, inputs: dict, num_samples: int, seed: int, max_new_tokens: Optional[int] = None):
-    cfg = run.cfg.rollout
+def _rollout(run: Run, pair, inputs: dict, seed: int):
+    """Video-R1's two generate calls (``rollout.rollout``: G per prompt on the ordered batch, then the shuffled
+    video prompts; none when ``reward.temporal`` is off) in one ``dist.rollout_call``: sharded weights (FSDP2,
+    ZeRO-3) are gathered once per micro-batch, on every rank alike, whether or not it holds a video prompt."""
+    cfg = run.cfg.rollout if run.cfg.reward.temporal else dataclasses.replace(run.cfg.rollout, num_shuffled=0)
+    shuffled = None if pair.shuffled is None else pair.shuffled.to(run.info.device).model_inputs()
     with torch.no_grad(), _autocast(run):
-        return dist.rollout_call(run.policy, generate, inputs, num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, engine=cfg.engine)
+        return dist.rollout_call(run.policy, rollout, inputs, shuffled, cfg, seed=seed)
 
 
-def _rollout_shuffled(run: Run, pair, inputs: dict, num_samples: int, seed: int):
-    """The shuffled-video rollout, or None. With sharded weights a rank without a video prompt runs a 1-token
-    dummy generate instead (Video-R1 does this under ZeRO-3), so every rank joins the same weight gather."""
-    if not num_samples:
-        return None
-    if pair.shuffled is not None:
-        return _rollout(run, pair.shuffled.to(run.info.device).model_inputs(), num_samples, seed)
-    if dist.gathers_for_generation(run.policy):
-        _rollout(run, inputs, 1, seed, max_new_tokens=1)
-    return None
-
-
-def _texts(run: Run, rollout) -> list[str]:
-    ids = rollout.ids.tolist()
-    return run.tokenizer.batch_decode([row[:n] for row, n in zip(ids, rollout.lengths.tolist())],
+def _texts(run: Run, completions) -> list[str]:
+    ids = completions.ids.tolist()
+    return run.tokenizer.batch_decode([row[:n] for row, n in zip(ids, completions.lengths.tolist())],
                                       skip_special_tokens=True)
 
 
-def _shuffled_texts(run: Run, pair, rollout, num_prompts: int) -> Optional[list[Optional[list[str]]]]:
+def _shuffled_texts(run: Run, pair, completions, num_prompts: int) -> Optional[list[Optional[list[str]]]]:
     """Per prompt: its shuffled completions' texts (video prompts) or None (images, temporal off)."""
-    if rollout is None:
+    if completions is None:
         return None
-    texts, s = _texts(run, rollout), run.cfg.rollout.shuffled_samples()
+    texts, s = _texts(run, completions), run.cfg.rollout.shuffled_samples()
     out: list[Optional[list[str]]] = [None] * num_prompts
     for j, row in enumerate(pair.video_rows):
         out[row] = texts[j * s:(j + 1) * s]
@@ -197,7 +187,7 @@ def train_step(run: Run, state: TrainState) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts. The loss
     and gradient norm are checked once, after the last backward and before the update (one host sync)."""
     cfg, device, timer, rows, device_rows = run.cfg, run.info.device, StageTimer(run.info.device), [], []
-    G, S = cfg.rollout.num_generations, cfg.rollout.shuffled_samples() if cfg.reward.temporal else 0
+    G = cfg.rollout.num_generations
     for micro in range(cfg.train.grad_accum):
         seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
         last = micro == cfg.train.grad_accum - 1
@@ -211,8 +201,8 @@ def train_step(run: Run, state: TrainState) -> dict[str, float]:
             _check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
             inputs = pair.ordered.to(device).model_inputs()
         with timer("rollout"):
-            ordered = _rollout(run, inputs, G, seed)
-            shuffled = _rollout_shuffled(run, pair, inputs, S, seed + 1)
+            completions = _rollout(run, pair, inputs, seed)
+            ordered, shuffled = completions.ordered, completions.shuffled
         with timer("reward"):
             rewards = score_batch(_texts(run, ordered), ordered.lengths, [s.solution for s in samples],
                                   [s.problem_type for s in samples],
