@@ -284,17 +284,11 @@ def rollout_call(wrapped: Wrapped, fn: Callable, *args, **kwargs):
     """Run ``fn(model, ...)`` for generation. Under FSDP2 and ZeRO-3 the full weights are gathered once for the
     call (:func:`gathered_for_generation`), so no collective runs inside ``fn`` and ranks may generate different
     numbers of tokens (no ``synced_gpus``). The gather itself is a collective: every rank must make the same
-    number of calls (:func:`gathers_for_generation`). DDP / ZeRO-2 replicas are whole already."""
+    number of calls (sharded strategies with more than one rank). DDP / ZeRO-2 replicas are whole already."""
     with gathered_for_generation(wrapped):
         if wrapped.strategy == "fsdp2":
             return wrapped.runner(fn, *args, **kwargs)
         return fn(wrapped.model, *args, **kwargs)
-
-
-def gathers_for_generation(wrapped: Wrapped) -> bool:
-    """Sharded weights (FSDP2, ZeRO-3): each :func:`rollout_call` all-gathers them, on every rank together."""
-    return tdist.is_initialized() and tdist.get_world_size() > 1 and (
-        wrapped.strategy == "fsdp2" or wrapped.zero_stage == 3)
 
 
 @contextlib.contextmanager
