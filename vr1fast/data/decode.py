@@ -38,7 +38,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
-import av
 import numpy as np
 
 from vr1fast.data.errors import MediaError
@@ -61,6 +60,16 @@ class _SeekMiss(Exception):
 @lru_cache(maxsize=1)
 def decord_available() -> bool:
     return importlib.util.find_spec("decord") is not None
+
+
+def pyav():
+    """The ``av`` module (PyAV), imported on first use so that importing vr1fast needs no FFmpeg bindings."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading or writing video files with PyAV needs the 'av' package, which is not "
+                          "installed (pip install av)") from None
+    return av
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -119,7 +128,7 @@ class _PyAVReader:
     def _open(self) -> None:
         """(Re)open the file and pick its video stream; the interrupt callback bounds every blocking read."""
         remaining = max(self.deadline - time.monotonic(), 1e-3)
-        self.container = av.open(str(self.path), timeout=remaining)
+        self.container = pyav().open(str(self.path), timeout=remaining)
         self.stream = self.container.streams.best("video")
         if self.stream is None or self.stream.codec_context is None:
             self.container.close()
@@ -152,7 +161,7 @@ class _PyAVReader:
             if frames is None or k > pos + 1:
                 try:
                     self.container.seek(self.sorted_pts[k], stream=self.stream, backward=True)
-                except av.error.FFmpegError:
+                except pyav().error.FFmpegError:
                     raise _SeekMiss from None
                 frames = self.container.decode(self.stream)
             for frame in frames:
@@ -258,6 +267,8 @@ def decode_frames(path, choose: ChooseIndices, backend: str = "auto", timeout_s:
         raise ValueError(f"video backend must be one of {sorted(_READERS)}, got {backend!r}")
     if backend == "decord" and not decord_available():
         raise ImportError("video.backend='decord' but decord is not installed (pip install decord)")
+    if backend == "pyav" or not decord_available():
+        pyav()  # a missing package stops here, not as a MediaError per file inside the decode thread
     p = Path(path)
     if not p.exists():
         raise MediaError(path, "no such file")

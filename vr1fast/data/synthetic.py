@@ -39,9 +39,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from vr1fast.data.decode import pyav
 
 GENERATOR_VERSION = 1
 SLOTS = 8
@@ -290,7 +291,7 @@ KINDS: tuple[tuple[str, Callable[..., _Item]], ...] = (
 
 def encode_h264(frames: np.ndarray, path: str | Path, fps: float, crf: int = 10) -> None:
     """Encode uint8 [T, H, W, 3] RGB frames (H, W even) to an H.264 yuv420p mp4 at ``fps`` with PyAV."""
-    path = Path(path)
+    av, path = pyav(), Path(path)
     tmp = path.with_name(path.name + ".part")
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))

@@ -29,8 +29,6 @@ import functools
 import re
 from typing import Callable, Optional
 
-from rouge_score import rouge_scorer
-
 _ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
@@ -72,8 +70,18 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return prev[len(hyp)] / max(1, len(ref))
 
 
+class MissingPackageError(ImportError):
+    """A reward needs a package that is not installed; never scored 0.0 as a scoring exception."""
+
+
 @functools.lru_cache(maxsize=1)
-def _rouge() -> rouge_scorer.RougeScorer:
+def _rouge():
+    """``rouge_score``'s ROUGE-1/2/L scorer with the Porter stemmer, imported on first use (it needs nltk)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as e:
+        raise MissingPackageError(f"the free-form accuracy reward needs the '{e.name or 'rouge_score'}' package, "
+                                  f"which is not installed (pip install rouge-score)") from None
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
@@ -121,11 +129,14 @@ _RULES: dict[str, Callable[[str, str], float]] = {
 
 
 def try_accuracy_reward(completion: str, solution: str, problem_type: str) -> tuple[float, Optional[str]]:
-    """``(reward, None)``, or ``(0.0, "problem_type: ErrorType: message")`` when scoring raised."""
+    """``(reward, None)``, or ``(0.0, "problem_type: ErrorType: message")`` when scoring raised; a missing package
+    (``MissingPackageError``) is raised, not scored."""
     try:
         out, gt = extract_answer(completion), extract_answer(solution)
         rule = _RULES.get(problem_type)
         return (float(rule(out, gt)) if rule is not None else 0.0), None
+    except MissingPackageError:
+        raise
     except Exception as e:  # Video-R1 scores any exception 0.0; the caller counts it
         return 0.0, f"{problem_type}: {type(e).__name__}: {e}"
 
