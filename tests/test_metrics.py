@@ -1,11 +1,15 @@
-"""Metrics sinks: JSONL rows, TensorBoard scalars, resume truncation, the end-of-run plot, rank-0 only."""
+"""Metrics sinks: JSONL rows, TensorBoard scalars, resume truncation, the end-of-run plot, rank-0 only; the step
+timer syncs only on logged steps (house rule 6)."""
 import importlib.util
 import json
 
 import pytest
+import torch
 
 from vr1fast.config import ConfigError, MetricsConfig
-from vr1fast.metrics import Metrics, read_jsonl
+from vr1fast.metrics import Metrics, StageTimer, read_jsonl
+
+STAGES = ("data", "processor", "rollout", "reward", "ref", "policy_fwd_bwd", "optimizer")
 
 
 def _row(step: int) -> dict:
@@ -77,3 +81,58 @@ def test_rows_are_json_lines(tmp_path):
     m.log(1, {"time/rollout_s": 0.5})
     m.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text().strip()) == {"step": 1, "time/rollout_s": 0.5}
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+
+
+def test_stage_timer_syncs_only_when_timed(monkeypatch):
+    """A CUDA timer (the device object alone; synchronize counted): timed = one sync before the first stage and one
+    at the end of each stage; untimed = no sync and no times."""
+    syncs = _Counter()
+    monkeypatch.setattr(torch.cuda, "synchronize", syncs)
+    cuda = torch.device("cuda")
+    untimed = StageTimer(cuda, timed=False)
+    for stage in ("data", "rollout", "optimizer"):
+        with untimed(stage):
+            pass
+    assert syncs.calls == 0 and not untimed.seconds
+    timed = StageTimer(cuda, timed=True)
+    for stage in ("data", "rollout", "data", "optimizer"):
+        with timed(stage):
+            pass
+    assert syncs.calls == 1 + 4 and set(timed.seconds) == {"data", "rollout", "optimizer"}
+    assert all(v >= 0 for v in timed.seconds.values())
+
+
+def test_train_times_only_logged_steps(monkeypatch, tmp_path):
+    """train() with log_every=2 over 3 steps: steps 2 and 3 are logged, timed with CUDA-style syncs (7 stages + 1
+    per step) and carry time keys; step 1 makes no sync and has none, and every step's metrics log fine."""
+    import vr1fast.train as train_mod
+
+    syncs, returned = _Counter(), []
+    monkeypatch.setattr(torch.cuda, "synchronize", syncs)
+    monkeypatch.setattr(train_mod, "StageTimer", lambda device, timed: StageTimer(torch.device("cuda"), timed))
+    step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **kw: returned.append(step(*a, **kw)) or returned[-1])
+    out = tmp_path / "run"
+    train_mod.main([f"--data.synthetic_dir={tmp_path / 'data'}", "--data.synthetic_size=4",
+                    f"--train.output_dir={out}", "--train.max_steps=3", "--train.log_every=2",
+                    "--rollout.num_generations=2", "--rollout.num_shuffled=2", "--rollout.max_new_tokens=4",
+                    "--metrics.progress_bar=false", "--model.warmstart_steps=0"])
+    assert syncs.calls == 2 * (len(STAGES) + 1)
+    timing = [sorted(k for k in m if k.startswith("time/") or k == "tokens_per_s") for m in returned]
+    assert timing[0] == [] and timing[1] == timing[2] == sorted([*(f"time/{s}_s" for s in STAGES),
+                                                                  "time/step_s", "tokens_per_s"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 3] and all("loss" in r and "time/step_s" in r for r in rows)
+    quiet = Metrics(MetricsConfig(progress_bar=False, tensorboard=False), tmp_path / "quiet", total_steps=1)
+    quiet.log(1, returned[0])
+    assert quiet.close().stat().st_size > 0
+    row = read_jsonl(tmp_path / "quiet" / "metrics.jsonl")[0]
+    assert row["step"] == 1 and "reward" in row and not any(k.startswith("time/") for k in row)

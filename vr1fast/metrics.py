@@ -2,9 +2,10 @@
 
 Metric names follow Video-R1's trainer (``reward``, ``reward_std``, ``rewards/accuracy_reward``,
 ``rewards/format_reward``, ``temporal_rewards``, ``completion_length``, ``kl``, ``all_wrong``, ``all_correct``) plus
-``loss``, ``grad_norm``, ``learning_rate`` and ``time/<stage>_s`` for each stage of the step. One JSON object per
-line of ``<output_dir>/metrics.jsonl``: ``{"step": n, ...}``. Only rank 0 writes; other ranks get a logger whose
-methods do nothing, so callers never branch on the rank.
+``loss``, ``grad_norm``, ``learning_rate`` and, on steps timed by ``StageTimer`` (the logged ones),
+``time/<stage>_s`` for each stage of the step, ``time/step_s`` and ``tokens_per_s``. One JSON object per line of
+``<output_dir>/metrics.jsonl``: ``{"step": n, ...}``. Only rank 0 writes; other ranks get a logger whose methods do
+nothing, so callers never branch on the rank.
 """
 from __future__ import annotations
 
@@ -28,21 +29,31 @@ PLOT_PANELS = (
 
 
 class StageTimer:
-    """Wall seconds per stage of a step (``with timer("rollout"): ...``); synchronises CUDA at the stage edges, a
-    host sync that the per-stage split needs."""
+    """Wall seconds per stage of a step (``with timer("rollout"): ...``), on log steps only (house rule 6).
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    ``timed=True``: CUDA is synchronised once before the first stage and at the end of every stage (the host
+    syncs the per-stage split needs), and ``seconds`` holds each stage's total. ``timed=False`` (a step that is
+    not logged): no sync, nothing is measured, ``seconds`` stays empty, so the step's metrics carry no time keys.
+    """
+
+    def __init__(self, device: torch.device, timed: bool = True):
+        self.timed, self.cuda = timed, device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if not self.timed:
+            yield
+            return
+        if not self.seconds:
+            self._sync()  # work queued before the first stage is not counted in it
         start = time.perf_counter()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
+        self._sync()
         self.seconds[stage] += time.perf_counter() - start
 
 

@@ -183,10 +183,13 @@ def _to_host(rows: list[dict], device_rows: list[dict[str, torch.Tensor]]) -> li
     return [{**row, **dict(zip(keys, vals))} for row, vals in zip(rows, values)]
 
 
-def train_step(run: Run, state: TrainState) -> dict[str, float]:
+def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts. The loss
-    and gradient norm are checked once, after the last backward and before the update (one host sync)."""
-    cfg, device, timer, rows, device_rows = run.cfg, run.info.device, StageTimer(run.info.device), [], []
+    and gradient norm are checked once, after the last backward and before the update (one host sync).
+    ``timed`` (the step is logged): stages timed with a CUDA sync at each edge (``metrics.StageTimer``) and
+    ``time/*`` / ``tokens_per_s`` in the metrics; otherwise no sync for timing and no time keys (house rule 6)."""
+    cfg, device, rows, device_rows = run.cfg, run.info.device, [], []
+    timer = StageTimer(device, timed)
     G = cfg.rollout.num_generations
     for micro in range(cfg.train.grad_accum):
         seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
@@ -232,9 +235,11 @@ def train_step(run: Run, state: TrainState) -> dict[str, float]:
 def _step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: float) -> dict[str, float]:
     """Mean over micro-batches (counts summed), then one all-reduce over ranks."""
     out = {k: sum(r[k] for r in rows) / (1 if k in SUM_KEYS else len(rows)) for k in rows[0]}
-    out.update({f"time/{k}_s": v for k, v in seconds.items()})
-    total = sum(seconds.values())
-    out.update({"time/step_s": total, "tokens_per_s": out.pop("tokens") * len(rows) / max(total, 1e-9)})
+    tokens = out.pop("tokens") * len(rows)
+    if seconds:  # a timed (logged) step
+        out.update({f"time/{k}_s": v for k, v in seconds.items()})
+        total = sum(seconds.values())
+        out.update({"time/step_s": total, "tokens_per_s": tokens / max(total, 1e-9)})
     out.update({"grad_norm": float("nan") if grad_norm is None else float(grad_norm), "learning_rate": lr})
     return dist.reduce_metrics(out, SUM_KEYS)
 
@@ -254,8 +259,9 @@ def train(run: Run, state: TrainState) -> TrainState:
     """Steps until ``run.total_steps``; checkpoints every ``train.save_every`` steps and at the end."""
     cfg = run.cfg.train
     while state.step < run.total_steps:
-        metrics = train_step(run, state)
-        if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+        logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == run.total_steps
+        metrics = train_step(run, state, timed=logged)
+        if logged:
             run.metrics.log(state.step, metrics)
         if state.step % cfg.save_every == 0 or state.step == run.total_steps:
             save_checkpoint(run, state)
