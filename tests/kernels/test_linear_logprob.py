@@ -216,13 +216,65 @@ def test_parity_with_liger(loss_type, with_old):
 
 
 def test_sm90_aot_compile_of_every_variant():
-    """Both kernels × every tile config × every dtype the launchers can pick, compiled for sm_90 at the Qwen-7B head
-    shape (as the JIT specialises it): a cubin each, inside the 227 KB of shared memory, with pipelined loads."""
+    """Both kernels × every tile config × every dtype × entropy on/off the launchers can pick, compiled for sm_90 at
+    the Qwen-7B head shape (as the JIT specialises it): a cubin each, inside the 227 KB of shared memory, with
+    pipelined loads and no register spills (the forward's 128×256 tile spilled 117 registers: it is gone)."""
     compiled = aot_check("vr1fast.kernels.linear_logprob")
     names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-    expected = {(k, names[d], c.kwargs["BLOCK_N"]) for k in ("_fwd_kernel", "_dlogits_kernel") for d in fused.DTYPES
-                for c in (fused.TILES_FP32 if d == torch.float32 else fused.TILES_16BIT)}
-    assert {(c["kernel"], c["signature"]["x_ptr"], c["constexprs"]["BLOCK_N"]) for c in compiled} == expected
-    assert len(compiled) == len(expected)
+    expected = {(k, names[d], c.kwargs["BLOCK_N"], e) for k, kind in (("_fwd_kernel", "fwd"), ("_dlogits_kernel",
+                "dlogits")) for d in fused.DTYPES for c in fused.tiles(kind, d) for e in (False, True)}
+    got = {(c["kernel"], c["signature"]["x_ptr"], c["constexprs"]["BLOCK_N"], c["constexprs"]["ENTROPY"])
+           for c in compiled}
+    assert got == expected and len(compiled) == len(expected)
     for c in compiled:
         assert c["cubin"] > 0 and 0 < c["shared"] <= 227 * 1024 and c["async_copies"] > 0, c
+        assert c["local"] == 0 and c["registers"] <= 255, c
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 150])
+def test_poisoned_buffers_one_thread_bf16(vocab_chunk):
+    """Regression: the backward's dz buffer was wider than the columns written (≥ SPLIT_V at V=200) and the GEMMs got
+    a strided view of it; with one intra-op thread oneDNN's bf16 GEMM read the unwritten padding (NaN·0 = NaN in
+    dX). Every fresh buffer starts as NaN here, so any read of an unwritten element shows up."""
+    from poison import poisoned
+
+    batch = _grpo_batch(11, with_ref=True, with_old=False)
+    with poisoned(threads=1):
+        hidden, weight, idx, mask, adv, ref, _ = batch
+        h = hidden.to(torch.bfloat16).requires_grad_()
+        w = weight.to(torch.bfloat16).requires_grad_()
+        logp = fused.linear_logprobs(h, w, idx, vocab_chunk=vocab_chunk)
+        loss, _ = reference.grpo_loss_from_logprobs(logp, mask, adv, ref)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    exact = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64)
+    torch.testing.assert_close(h.grad.double(), exact[2], rtol=4e-2, atol=2e-3)
+
+
+def test_entropy_only_when_asked_for():
+    """Without return_entropy the second output is empty and the backward applies no entropy term: same dX/dW as
+    the float64 reference of the log-probs alone."""
+    x, w, idx = _inputs(19, 24, 130, torch.float32, seed=20)
+    h, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    logp, ent = fused.LinearLogprob.apply(h, wt, idx, 1.0, None, False)
+    assert ent.numel() == 0 and not ent.requires_grad
+    g = torch.randn(19, generator=torch.Generator().manual_seed(21))
+    (logp * g).sum().backward()
+    hd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    (reference.linear_logprobs(hd, wd, idx) * g.double()).sum().backward()
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wt.grad.double(), wd.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fp32_inputs_under_cpu_autocast_run_the_bf16_head():
+    """fp32 master weights under bf16 autocast (one GPU / DDP): the head runs on bf16 copies (kernel-audit F1), as
+    cuBLAS calls under autocast would, and the gradients come back in fp32."""
+    x, w, idx = _inputs(17, 24, 130, torch.float32, seed=22)
+    h, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = fused.linear_logprobs(h, wt, idx)
+    logp.sum().backward()
+    want = fused.linear_logprobs(x.bfloat16(), w.bfloat16(), idx)
+    assert torch.equal(logp, want)
+    assert not torch.equal(logp, fused.linear_logprobs(x, w, idx))  # the fp32 path differs: the cast happened
+    assert h.grad.dtype == wt.grad.dtype == torch.float32

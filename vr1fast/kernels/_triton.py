@@ -40,6 +40,20 @@ def check_device(name: str, *tensors: torch.Tensor) -> None:
         raise RuntimeError(f"{name}: Triton needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors cast to the active autocast dtype of their device (``torch.get_autocast_dtype``), as cuBLAS
+    calls under autocast would be; unchanged when autocast is off there or they are not floating point.
+
+    A custom ``autograd.Function`` is outside autocast's reach (and ``custom_fwd(device_type="cuda")`` ignores CPU
+    autocast), so without this fp32 master weights under bf16 autocast would run the head in fp32 (kernel-audit
+    F1). The cast is differentiable: gradients come back in the tensors' own dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
            torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
 
@@ -97,20 +111,36 @@ def aot_compile(launch: Launch, arch: int = 90):
 
 _AOT_SCRIPT = """
 import importlib, json, sys
-from vr1fast.kernels._triton import aot_compile
+from vr1fast.kernels._triton import aot_compile, resource_usage
 out = []
 for launch in importlib.import_module(sys.argv[1]).aot_variants():
     k = aot_compile(launch, int(sys.argv[2]))
     out.append(dict(kernel=launch.kernel.__name__, constexprs=launch.constexprs, signature=launch.signature(),
                     shared=k.metadata.shared, cubin=len(k.asm.get("cubin", b"")),
-                    async_copies=k.asm["ttgir"].count("async_copy")))
+                    async_copies=k.asm["ttgir"].count("async_copy"), **resource_usage(k.asm["cubin"])))
 print(json.dumps(out))
 """
 
 
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and local-memory bytes (register spills) of a cubin, from the cuobjdump that ships
+    with Triton's NVIDIA backend: ``{"registers": REG, "local": LOCAL, "stack": STACK}``."""
+    import re
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    return {"registers": int(fields["REG"]), "local": int(fields["LOCAL"]), "stack": int(fields["STACK"])}
+
+
 def aot_check(module: str, arch: int = 90) -> list[dict]:
     """Compile ``module.aot_variants()`` for sm_<arch> in a fresh non-interpreted process: one dict per launch
-    (kernel name, constexprs, signature, shared memory bytes, cubin size, pipelined-load count). Raises with the compiler's message on failure."""
+    (kernel name, constexprs, signature, shared memory bytes, cubin size, pipelined-load count, registers, local
+    memory = spilled bytes). Raises with the compiler's message on failure."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module, str(arch)], env=env, capture_output=True,
                           text=True)

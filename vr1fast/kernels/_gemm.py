@@ -1,0 +1,32 @@
+"""Matrix products of the LM-head backward with a chosen accumulation / output dtype, on CUDA and on the CPU.
+
+cuBLAS takes 16-bit operands with an fp32 output (``out_dtype``): products of bf16/fp16 numbers are exact in fp32
+and the sums are fp32, so nothing is rounded to 16 bits in between. The CPU build has no ``out_dtype`` kernel
+(``aten::addmm.dtype`` is CUDA-only in torch 2.13); there the operands are upcast to fp32 first, which gives the
+same exact products and fp32 sums (in another order), so the CPU tests check the arithmetic the GPU runs.
+
+Operands must be dense (rows or columns packed without gaps): a column slice of a wider buffer is never passed,
+since some BLAS builds read the gap (``tests/kernels/poison.py``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ b with fp32 accumulation, returned in ``out_dtype`` (rounded once)."""
+    if a.dtype == out_dtype or out_dtype != torch.float32:
+        return torch.mm(a, b).to(out_dtype)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def addmm_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """acc += a @ b for an fp32 ``acc`` and fp32 or 16-bit operands, accumulated in fp32; returns ``acc``."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda:
+        return acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
+    return acc.addmm_(a.float(), b.float())
