@@ -127,6 +127,11 @@ class LossConfig:
     kl_clamp: Optional[float] = 10.0      # clamp of (ref - logp) inside k3; None = no clamp
     num_iterations: int = 1               # updates per rollout (1 = on-policy, Video-R1)
     impl: Literal["auto", "reference", "triton"] = "auto"
+    # Triton LM head design (kernels.linear_*): "chunked" = cuBLAS logits per chunk of rows + the Triton loss /
+    # log-prob kernels writing the logit gradient in place + cuBLAS dX, dW (6NHV); "fused" = the split-vocab
+    # Triton GEMM kernels that never hold a logits chunk (8NHV, recompute). Chunked is the default until a GPU
+    # measurement decides (benchmarks/).
+    head: Literal["chunked", "fused"] = "chunked"
 
     def kernel_kwargs(self) -> dict[str, Any]:
         return dict(beta=self.beta, loss_type=self.loss_type, epsilon_low=self.epsilon_low,

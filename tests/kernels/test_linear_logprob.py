@@ -125,11 +125,12 @@ def test_bad_inputs_and_empty():
 
 
 def test_dispatch_runs_the_fused_kernel(monkeypatch):
-    assert kernels.implementation("linear_logprobs", "triton") is fused.linear_logprobs
-    assert kernels.implementation("linear_grpo_loss", "triton") is fused.linear_grpo_loss
+    assert kernels.implementation("linear_logprobs", "triton", head="fused") is fused.linear_logprobs
+    assert kernels.implementation("linear_grpo_loss", "triton", head="fused") is fused.linear_grpo_loss
     assert kernels.implementation("linear_logprobs", device="cpu") is reference.linear_logprobs
-    assert kernels.implementation("linear_logprobs", device="cuda") is fused.linear_logprobs
+    assert kernels.implementation("linear_logprobs", device="cuda", head="fused") is fused.linear_logprobs
     monkeypatch.setenv("VR1FAST_IMPL", "triton")
+    monkeypatch.setenv("VR1FAST_HEAD", "fused")
     x, w, idx = _inputs(6, 16, 70, torch.float32, seed=9)
     torch.testing.assert_close(kernels.linear_logprobs(x, w, idx), reference.linear_logprobs(x, w, idx))
 

@@ -5,7 +5,11 @@ Which implementation runs (per call, from the first tensor argument and ``VR1FAS
   * ``VR1FAST_IMPL=triton``    → the Triton kernel everywhere (on CPU tensors only under ``TRITON_INTERPRET=1``,
     as the tests run it); a function with no Triton kernel raises;
   * unset / ``auto``           → Triton for CUDA tensors when a kernel is registered, else the reference.
-The maths, shapes and cfg keys of every function are in ``reference.py``'s docstring.
+The LM-head functions (``linear_logprobs``, ``linear_grpo_loss``) have two Triton designs (``head``, default
+``$VR1FAST_HEAD`` or ``"chunked"``): ``chunked.py`` (cuBLAS logits per chunk of rows, the Triton loss kernels,
+cuBLAS dX/dW: 6NHV) and ``fused`` = ``linear_logprob.py`` (split-vocab Triton GEMMs that never hold a logits
+chunk, recompute in the backward: 8NHV). The maths, shapes and cfg keys of every function are in
+``reference.py``'s docstring.
 """
 from __future__ import annotations
 
@@ -19,18 +23,21 @@ from vr1fast.kernels import reference
 from vr1fast.kernels.reference import grpo_loss_from_logprobs
 
 IMPLS = ("auto", "reference", "triton")
+HEADS = {"chunked": "vr1fast.kernels.chunked", "fused": "vr1fast.kernels.linear_logprob"}
 
 # public name -> module holding its Triton implementation under the same name (imported on first use).
 TRITON: dict[str, str] = {
     "selective_log_softmax": "vr1fast.kernels.logprob",
     "grpo_loss": "vr1fast.kernels.grpo",  # not grpo_loss.py: importing it would shadow the function here
-    "linear_logprobs": "vr1fast.kernels.linear_logprob",
-    "linear_grpo_loss": "vr1fast.kernels.linear_logprob",
+    "linear_logprobs": HEADS["chunked"],
+    "linear_grpo_loss": HEADS["chunked"],
 }
 
 
-def implementation(name: str, impl: Optional[str] = None, device: Optional[str] = None) -> Callable:
-    """The function that implements ``name`` for ``impl`` (default: ``$VR1FAST_IMPL`` or auto) on ``device``."""
+def implementation(name: str, impl: Optional[str] = None, device: Optional[str] = None,
+                   head: Optional[str] = None) -> Callable:
+    """The function that implements ``name`` for ``impl`` (default: ``$VR1FAST_IMPL`` or auto) on ``device``;
+    ``head`` picks the Triton LM-head design (default ``$VR1FAST_HEAD`` or chunked)."""
     impl = impl or os.environ.get("VR1FAST_IMPL") or "auto"
     if impl not in IMPLS:
         raise ValueError(f"VR1FAST_IMPL / impl {impl!r} is not one of {IMPLS}")
@@ -40,7 +47,13 @@ def implementation(name: str, impl: Optional[str] = None, device: Optional[str] 
         return getattr(reference, name)
     if name not in TRITON:
         raise NotImplementedError(f"vr1fast.kernels.{name} has no Triton implementation")
-    return getattr(importlib.import_module(TRITON[name]), name)
+    module = TRITON[name]
+    if name in ("linear_logprobs", "linear_grpo_loss"):
+        head = head or os.environ.get("VR1FAST_HEAD") or "chunked"
+        if head not in HEADS:
+            raise ValueError(f"VR1FAST_HEAD / head {head!r} is not one of {tuple(HEADS)}")
+        module = HEADS[head]
+    return getattr(importlib.import_module(module), name)
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, return_entropy: bool = False):
@@ -63,9 +76,10 @@ def grpo_loss(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
     return fn(logits, index, mask, advantages, ref_logprobs, old_logprobs, **cfg)
 
 
-def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Optional[Tensor], advantages: Tensor,
                      ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None, **cfg):
-    """GRPO loss on hidden [B, T, H] through the LM head weight [V, H] → (loss, metrics)."""
+    """GRPO loss on hidden [B, T, H] (or packed [N, H] with ``offsets=`` [B+1]) through the LM head weight [V, H]
+    → (loss, metrics)."""
     fn = implementation("linear_grpo_loss", device=hidden.device.type)
     return fn(hidden, weight, index, mask, advantages, ref_logprobs, old_logprobs, **cfg)
 

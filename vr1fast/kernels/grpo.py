@@ -87,8 +87,12 @@ def _grpo_fwd_kernel(logits, index, weight, mask, adv, ref, old, wloss, dlogp, l
 
 
 def forward_launch(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tensor, ref: Optional[Tensor],
-                   old: Optional[Tensor], cfg: dict) -> Launch:
-    """Token-level forward: fills args wloss (c_t·L_t), dlogp (c_t·dL/dℓ_t), lse [N] and stats [4, N]."""
+                   old: Optional[Tensor], cfg: dict, weights: Optional[Tensor] = None) -> Launch:
+    """Token-level forward: fills args wloss (c_t·L_t), dlogp (c_t·dL/dℓ_t), lse [N] and stats [4, N].
+
+    ``weights``: the aggregation weights c_t (default ``reference.token_weights(mask, cfg)``); a caller that
+    launches on a slice of the batch passes the slice of the whole batch's weights (bnpo, dapo and grpo normalise
+    over tokens outside the slice)."""
     x3, T, sb, st = logprob.as_rows(logits)
     n, dev = index.numel(), logits.device
     m = mask.to(device=dev, dtype=torch.float32)
@@ -98,7 +102,8 @@ def forward_launch(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tens
     def flat(t: Tensor) -> Tensor:
         return t.reshape(-1).to(device=dev, dtype=torch.float32).contiguous()
 
-    args = dict(logits=x3, index=index.reshape(-1).long().contiguous(), weight=reference.token_weights(m, cfg).reshape(-1),
+    c = reference.token_weights(m, cfg) if weights is None else weights.to(device=dev, dtype=torch.float32)
+    args = dict(logits=x3, index=index.reshape(-1).long().contiguous(), weight=c.reshape(-1).contiguous(),
                 mask=m.reshape(-1).contiguous(), adv=advantages.to(device=dev, dtype=torch.float32).contiguous(),
                 ref=flat(ref) if has_ref else out[0], old=flat(old) if has_old else out[0], wloss=out[0],
                 dlogp=out[1], lse=out[2], stats=torch.empty(4, n, device=dev, dtype=torch.float32), N=n, T=T,

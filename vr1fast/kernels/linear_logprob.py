@@ -368,11 +368,12 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
     return logp.reshape(index.shape), entropy.reshape(index.shape)
 
 
-def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
-                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
-                     **cfg) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss on hidden [B, T, H] through the head weight [V, H]: ``reference.grpo_loss_from_logprobs`` (maths,
-    cfg keys, metrics) on this module's fused log-probs; gradients reach hidden and weight through them."""
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Optional[Tensor], advantages: Tensor,
+                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None, *,
+                     offsets: Optional[Tensor] = None, **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss on hidden [B, T, H] (or packed [N, H] with ``offsets``) through the head weight [V, H]:
+    ``reference.grpo_loss_from_logprobs`` (maths, cfg keys, metrics) on this module's fused log-probs; gradients
+    reach hidden and weight through them."""
     temperature = resolve_cfg(cfg)["temperature"]  # also rejects a bad cfg before the head runs
     logp = linear_logprobs(hidden, weight, index, temperature)
-    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
+    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, offsets=offsets, **cfg)

@@ -27,6 +27,10 @@ ref_logprobs is given), ``ratio`` (mean exp(log w)), ``clip_low`` (w < 1-ε_low 
 
 Shapes: logits [B,T,V]; hidden [B,T,H]; weight [V,H]; index, mask, ref/old log-probs [B,T]; advantages [B].
 The log-prob functions also take any leading shape ([..., V] / [..., H] with index [...]).
+Packed layout (``offsets=``, int64 [B+1] on the CPU, flash-attn's cu_seqlens): the B sequences' real tokens one
+after the other, sequence i at rows offsets[i]:offsets[i+1]; hidden [N, H], index / ref / old log-probs [N], mask
+[N] or None (all real), advantages [B]. Every value and gradient equals that of the padded layout with those tokens
+(``padded`` scatters a packed tensor into [B, max length]); the loss types normalise over the same tokens.
 """
 from __future__ import annotations
 
@@ -104,6 +108,59 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
     return logp, torch.cat(entropies).reshape(index.shape)
 
 
+# ---------------------------------------------------------------- packed layout
+
+
+def check_offsets(offsets: Tensor, n: int, batch: int) -> Tensor:
+    """``offsets`` as a CPU int64 tensor [B+1] with 0 = o_0 ≤ o_1 ≤ ... ≤ o_B = n and B = ``batch`` (the
+    advantages' length), or a ValueError naming it."""
+    o = torch.as_tensor(offsets).to("cpu", torch.int64)
+    if o.dim() != 1 or o.numel() != batch + 1 or o[0] != 0 or o[-1] != n or (o[1:] < o[:-1]).any():
+        raise ValueError(f"offsets must be [{batch}+1] (one per advantage) non-decreasing from 0 to the {n} packed "
+                         f"rows, got {o.tolist()}")
+    return o
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on ``device`` without waiting for the GPU's queue (pinned, non-blocking copy)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def packed_positions(offsets: Tensor) -> tuple[Tensor, int]:
+    """(flat positions b·T + j of the packed rows in a [B, T] padded layout, T = the longest sequence); CPU."""
+    lengths = offsets[1:] - offsets[:-1]
+    width = max(int(lengths.max()), 1)
+    seq = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    return seq * width + torch.arange(int(offsets[-1])) - offsets[:-1][seq], width
+
+
+def padded(values: Tensor, offsets: Tensor, fill: float = 0.0) -> Tensor:
+    """Packed values [N, ...] → [B, T, ...] (T the longest sequence), ``fill`` after each sequence's end;
+    differentiable w.r.t. ``values``."""
+    pos, width = packed_positions(offsets)
+    out = values.new_full((width * (offsets.numel() - 1), *values.shape[1:]), fill)
+    out = out.index_copy(0, to_device(pos, values.device), values)
+    return out.reshape(offsets.numel() - 1, width, *values.shape[1:])
+
+
+def token_rows(mask: Optional[Tensor], advantages: Tensor, cfg: dict, n: int,
+               offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (mask m, aggregation weight c_t, advantage) [n] fp32 of either layout, so that the loss is
+    Σ_t c_t·L_t over flat rows. Padded: mask [B, T]. Packed: ``offsets`` (checked) and mask [n] or None."""
+    dev = advantages.device
+    if offsets is None:
+        m = mask.to(dev, torch.float32)
+        adv = advantages.float().repeat_interleave(m.shape[1])
+        return m.reshape(-1), token_weights(m, cfg).reshape(-1), adv
+    pos, _ = packed_positions(offsets)
+    m = torch.ones(n, device=dev) if mask is None else mask.to(dev, torch.float32).reshape(-1)
+    c = token_weights(padded(m, offsets), cfg).reshape(-1)[to_device(pos, dev)]
+    seq = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
+    return m, c, advantages.float()[to_device(seq, dev)]
+
+
 # ---------------------------------------------------------------- GRPO loss
 
 
@@ -159,13 +216,19 @@ def token_weights(mask: Tensor, cfg: dict) -> Tensor:
     return mask / (mask.sum().clamp(min=1) if cfg["num_items"] is None else cfg["num_items"])
 
 
-def grpo_loss_from_logprobs(logprobs: Tensor, mask: Tensor, advantages: Tensor,
-                            ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
-                            **cfg) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss and metrics on per-token log-probs ℓ [B, T] (module docstring has the maths and cfg keys).
+def grpo_loss_from_logprobs(logprobs: Tensor, mask: Optional[Tensor], advantages: Tensor,
+                            ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None, *,
+                            offsets: Optional[Tensor] = None, **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss and metrics on per-token log-probs ℓ [B, T], or packed [N] with ``offsets`` (module docstring has
+    the maths, cfg keys and layouts).
 
     ``temperature`` is accepted and ignored here (it only matters where logits become log-probs).
     """
+    if offsets is not None:
+        offsets = check_offsets(offsets, logprobs.shape[0], advantages.shape[0])
+        m = torch.ones_like(logprobs) if mask is None else mask.to(logprobs.dtype)
+        pad = [None if t is None else padded(t.to(logprobs.dtype), offsets) for t in (ref_logprobs, old_logprobs)]
+        return grpo_loss_from_logprobs(padded(logprobs, offsets), padded(m, offsets), advantages, *pad, **cfg)
     cfg = resolve_cfg(cfg)
     check_loss_shapes(logprobs, mask, advantages, ref_logprobs, old_logprobs)
     if cfg["beta"] != 0 and ref_logprobs is None:
@@ -211,9 +274,10 @@ def grpo_loss(logits: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
     return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
 
 
-def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Tensor, advantages: Tensor,
-                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None,
-                     **cfg) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss on hidden [B, T, H] through the LM head weight [V, H], chunked (see ``linear_logprobs``)."""
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Optional[Tensor], advantages: Tensor,
+                     ref_logprobs: Optional[Tensor] = None, old_logprobs: Optional[Tensor] = None, *,
+                     offsets: Optional[Tensor] = None, **cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss on hidden [B, T, H] (or packed [N, H] with ``offsets``) through the LM head weight [V, H],
+    chunked (see ``linear_logprobs``)."""
     logp = linear_logprobs(hidden, weight, index, cfg.get("temperature", DEFAULTS["temperature"]))
-    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, **cfg)
+    return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, offsets=offsets, **cfg)

@@ -1,0 +1,195 @@
+"""The chunked LM head (vr1fast/kernels/chunked.py: cuBLAS logits per chunk, Triton loss kernels, cuBLAS grads) under
+the Triton interpreter, against ``reference.py`` in float64; for bf16 also against torch's own bf16 error (house
+rule 3). Chunks of a few rows make every test cross several chunks (the fp32 dW accumulator, its in-place narrowing,
+the per-chunk slices of the batch's aggregation weights). The packed layout is checked against the padded one."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_linear_logprob import T_ODD, _grpo_batch, _inputs, _loss_and_grads, _max_err, _run
+
+from vr1fast import kernels
+from vr1fast.kernels import chunked, reference
+from vr1fast.kernels._triton import aot_check
+
+
+def _chunked(rows):
+    def logprobs(x, w, idx, temperature, entropy):
+        return chunked.linear_logprobs(x, w, idx, temperature, entropy, rows=rows)
+    return logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logprobs_entropy_and_grads_match_float64(dtype):
+    x, w, idx = _inputs(37, 40, 300, dtype, seed=1)
+    g = torch.Generator().manual_seed(2)
+    upstream = (torch.randn(37, generator=g, dtype=torch.float64), torch.randn(37, generator=g, dtype=torch.float64))
+    ours = _run(_chunked(10), x, w, idx, dtype, upstream, temperature=T_ODD)
+    exact = _run(reference.linear_logprobs, x, w, idx, torch.float64, upstream, temperature=T_ODD)
+    err = _max_err(ours, exact)
+    assert (ours[0] <= 0).all() and all(torch.isfinite(t).all() for t in ours)
+    assert err[0] < 2e-5 and err[1] < 2e-5  # fp32 logits from the 16-bit operands: never rounded
+    if dtype == torch.float32:
+        for got, want in zip(ours[2:], exact[2:]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        return
+    torch_err = _max_err(_run(reference.linear_logprobs, x, w, idx, dtype, upstream, temperature=T_ODD), exact)
+    for k in (2, 3):
+        assert err[k] <= 2 * torch_err[k], (k, err[k], torch_err[k])
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("level", reference.IS_LEVELS)
+@pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
+def test_grpo_loss_matches_float64(loss_type, level, with_ref, with_old):
+    batch = _grpo_batch(10, with_ref, with_old)
+    cfg = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04 if with_ref else 0.0,
+               epsilon_high=0.28, delta=1.25 if with_old else None, temperature=T_ODD, max_completion_length=9)
+    loss, metrics, dh, dw = _loss_and_grads(lambda *a, **k: chunked.linear_grpo_loss(*a, rows=4, **k), batch,
+                                            torch.float32, **cfg)
+    loss64, metrics64, dh64, dw64 = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64, **cfg)
+    torch.testing.assert_close(loss, loss64, rtol=1e-5, atol=1e-7)
+    assert metrics.keys() == metrics64.keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], metrics64[k], rtol=1e-5, atol=1e-7)
+    assert dh[2].abs().max() == 0 and dh[1, 4:].abs().max() == 0  # masked rows get no gradient
+    torch.testing.assert_close(dh, dh64, rtol=1e-4, atol=1e-5 * dh64.abs().max().item())
+    torch.testing.assert_close(dw, dw64, rtol=1e-4, atol=1e-5 * dw64.abs().max().item())
+    if with_old and level == "token":
+        assert metrics["clip_region"] > 0
+
+
+@pytest.mark.parametrize("rows", [3, 8, None])
+def test_bf16_video_r1_defaults_within_twice_torch_error(rows):
+    """The fp32 dW accumulator keeps dW (and dX, one GEMM per row chunk) within 2× torch's own bf16 error against
+    float64 however many chunks the rows fall into (21 rows: 7, 3 or 1 chunks)."""
+    batch = _grpo_batch(11, with_ref=True, with_old=False)
+    ours = _loss_and_grads(lambda *a, **k: chunked.linear_grpo_loss(*a, rows=rows, **k), batch, torch.bfloat16)
+    exact = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64)
+    torch_bf16 = _loss_and_grads(reference.linear_grpo_loss, batch, torch.bfloat16)
+    for i in (0, 2, 3):
+        err, torch_err = ((r[i] - exact[i]).abs().max().item() for r in (ours, torch_bf16))
+        assert err <= 2 * torch_err + 1e-6, (i, err, torch_err)
+
+
+def _packed(batch):
+    """The batch's real tokens packed: (hidden [N, H], index [N], ref [N] or None, old [N] or None, offsets)."""
+    hidden, _, idx, mask, _, ref, old = batch
+    keep = mask.bool()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)])
+    pick = (lambda t: None if t is None else t[keep])
+    return hidden[keep], idx[keep], pick(ref), pick(old), offsets
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused", "reference"])
+@pytest.mark.parametrize("level,loss_type", [("token", "grpo"), ("token", "bnpo"), ("token", "dapo"),
+                                             ("sequence", "dr_grpo")])
+def test_packed_equals_padded(impl, level, loss_type):
+    """Loss, metrics and the gradients of hidden (on the real tokens) and weight agree between the padded batch and
+    its real tokens packed with offsets (the all-masked row becomes an empty sequence), in float64."""
+    batch = _grpo_batch(13, with_ref=True, with_old=True)
+    hidden, weight, idx, mask, adv, ref, old = batch
+    fn = reference.linear_grpo_loss if impl == "reference" else kernels.implementation("linear_grpo_loss", "triton",
+                                                                                       head=impl)
+    cfg = dict(loss_type=loss_type, importance_sampling_level=level, max_completion_length=9, temperature=T_ODD)
+    dtype = torch.float32 if impl != "reference" else torch.float64
+    loss, metrics, dh, dw = _loss_and_grads(fn, batch, dtype, **cfg)
+    ph, pidx, pref, pold, offsets = _packed(batch)
+    h = ph.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    ploss, pmetrics = fn(h, w, pidx, None, adv, pref, pold, offsets=offsets, **cfg)
+    ploss.backward()
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ploss.double(), loss, **tol)
+    for k in metrics:
+        torch.testing.assert_close(pmetrics[k].double(), metrics[k], **tol)
+    torch.testing.assert_close(h.grad.double(), dh[mask.bool()], **tol)
+    torch.testing.assert_close(w.grad.double(), dw, **tol)
+
+
+def test_bad_offsets():
+    ph, pidx, pref, _, offsets = _packed(_grpo_batch(14, with_ref=True, with_old=False))
+    w = torch.randn(200, ph.shape[1])
+    adv = torch.zeros(3)
+    with pytest.raises(ValueError, match="offsets"):
+        chunked.linear_grpo_loss(ph, w, pidx, None, adv, pref, offsets=offsets[:-1])
+    with pytest.raises(ValueError, match="offsets"):
+        chunked.linear_grpo_loss(ph, w, pidx, None, adv, pref, offsets=offsets.flip(0))
+
+
+def test_poisoned_buffers_one_thread_dense_gemms():
+    from poison import poisoned
+
+    batch = _grpo_batch(15, with_ref=True, with_old=False)
+    with poisoned(threads=1):
+        ours = _loss_and_grads(lambda *a, **k: chunked.linear_grpo_loss(*a, rows=5, **k), batch, torch.bfloat16)
+        x, w, idx = _inputs(13, 24, 130, torch.bfloat16, seed=16)
+        up = (torch.randn(13, dtype=torch.float64), torch.randn(13, dtype=torch.float64))
+        lp = _run(_chunked(4), x, w, idx, torch.bfloat16, up)
+    assert all(torch.isfinite(t).all() for t in (*ours[2:], *lp))
+    exact = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64)
+    torch.testing.assert_close(ours[2], exact[2], rtol=4e-2, atol=2e-3)
+
+
+def test_fp32_masters_under_cpu_autocast():
+    """fp32 hidden and head weight under bf16 autocast: the head computes on bf16 copies exactly as with bf16
+    inputs (loss and dX), and the weight's gradient comes back in fp32 from the fp32 accumulator."""
+    hidden, weight, idx, mask, adv, ref, _ = _grpo_batch(17, with_ref=True, with_old=False)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked.linear_grpo_loss(h, w, idx, mask, adv, ref, rows=6)
+    loss.backward()
+    hb, wb = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    want, _ = chunked.linear_grpo_loss(hb, wb, idx, mask, adv, ref, rows=6)
+    want.backward()
+    assert torch.equal(loss, want) and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(h.grad, hb.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(w.grad.bfloat16(), wb.grad, rtol=2 ** -7, atol=0)  # wb's: the same sums, rounded
+    fp32, _ = chunked.linear_grpo_loss(hidden, weight, idx, mask, adv, ref, rows=6)
+    assert not torch.equal(fp32, loss)
+
+
+def test_frozen_weight_and_no_grad():
+    batch = _grpo_batch(18, with_ref=True, with_old=False)
+    hidden, weight, idx, mask, adv, ref, _ = batch
+    h = hidden.clone().requires_grad_()
+    loss, _ = chunked.linear_grpo_loss(h, weight, idx, mask, adv, ref, rows=4)
+    loss.backward()
+    assert weight.grad is None
+    exact = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64)
+    torch.testing.assert_close(h.grad.double(), exact[2], rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        nograd, _ = chunked.linear_grpo_loss(hidden, weight, idx, mask, adv, ref, rows=4)
+        logp = chunked.linear_logprobs(hidden, weight, idx.int(), rows=4)
+    assert not nograd.requires_grad and torch.equal(nograd, loss.detach())
+    torch.testing.assert_close(logp.double(), reference.linear_logprobs(hidden.double(), weight.double(), idx),
+                               rtol=0, atol=1e-5)
+
+
+def test_narrow_in_place_keeps_values_and_storage():
+    acc = torch.randn(37, 5, dtype=torch.float32)
+    want = acc.bfloat16()
+    ptr = acc.data_ptr()
+    out = chunked._narrow_in_place(acc, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (37, 5) and out.data_ptr() == ptr and torch.equal(out, want)
+
+
+def test_dispatch_picks_the_head(monkeypatch):
+    from vr1fast.kernels import linear_logprob
+
+    assert kernels.implementation("linear_grpo_loss", "triton") is chunked.linear_grpo_loss
+    assert kernels.implementation("linear_logprobs", "triton", head="fused") is linear_logprob.linear_logprobs
+    monkeypatch.setenv("VR1FAST_HEAD", "fused")
+    assert kernels.implementation("linear_grpo_loss", "triton") is linear_logprob.linear_grpo_loss
+    monkeypatch.setenv("VR1FAST_HEAD", "split")
+    with pytest.raises(ValueError, match="VR1FAST_HEAD"):
+        kernels.implementation("linear_grpo_loss", "triton")
+
+
+def test_sm90_aot_compile():
+    """The launches the chunked head makes at the Qwen-7B shape compile for sm_90, without register spills."""
+    compiled = aot_check("vr1fast.kernels.chunked")
+    assert len(compiled) == len(chunked.aot_variants()) == 5
+    for c in compiled:
+        assert c["cubin"] > 0 and c["shared"] <= 227 * 1024 and c["local"] == 0, c
