@@ -47,8 +47,8 @@ def setup(tmp_path_factory):
     return cfg, policy, ref, inputs, ids, mask, advantages
 
 
-def _with_impl(cfg, impl: str):
-    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, impl=impl))
+def _with_head(cfg, impl: str, head: str = "chunked"):
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, impl=impl, head=head))
 
 
 def _loss_and_grads(policy, fn):
@@ -59,18 +59,20 @@ def _loss_and_grads(policy, fn):
     return loss.detach(), metrics, grads
 
 
-def test_reference_and_triton_paths_agree_in_the_step(setup):
+@pytest.mark.parametrize("head", ["chunked", "fused"])
+def test_reference_and_triton_paths_agree_in_the_step(setup, head):
     cfg, policy, ref, inputs, ids, mask, adv = setup
+    lengths = mask.sum(1).tolist()
     results = {}
     for impl in ("reference", "triton"):
-        c = _with_impl(cfg, impl)
-        ref_lp = _reference_logprobs(ref, inputs, ids, mask, c)
-        results[impl] = (ref_lp, *_loss_and_grads(policy, lambda: _policy_loss(policy, inputs, ids, mask, adv,
+        c = _with_head(cfg, impl, head)
+        ref_lp = _reference_logprobs(ref, inputs, ids, lengths, c)
+        results[impl] = (ref_lp, *_loss_and_grads(policy, lambda: _policy_loss(policy, inputs, ids, lengths, adv,
                                                                                  ref_lp, c)))
     (ref_a, loss_a, met_a, grad_a), (ref_b, loss_b, met_b, grad_b) = results["reference"], results["triton"]
-    active = mask.bool()
-    assert (ref_a[active] <= 0).all() and torch.isfinite(ref_a[active]).all()
-    torch.testing.assert_close(ref_b[active], ref_a[active], rtol=0, atol=2e-5)
+    assert ref_a.shape == (sum(lengths),)  # the head ran on the real tokens only
+    assert (ref_a <= 0).all() and torch.isfinite(ref_a).all()
+    torch.testing.assert_close(ref_b, ref_a, rtol=0, atol=2e-5)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     assert met_a["kl"] > 1e-3  # two different models: the KL term is really exercised
     for key in met_a:
@@ -82,14 +84,15 @@ def test_reference_and_triton_paths_agree_in_the_step(setup):
 
 def test_fast_step_equals_video_r1_full_logits_path(setup):
     cfg, policy, ref, inputs, ids, mask, adv = setup
-    c = _with_impl(cfg, "triton")
-    ref_lp = _reference_logprobs(ref, inputs, ids, mask, c)
-    loss, _, grads = _loss_and_grads(policy, lambda: _policy_loss(policy, inputs, ids, mask, adv, ref_lp, c))
+    c = _with_head(cfg, "triton")
+    lengths = mask.sum(1).tolist()
+    ref_lp = _reference_logprobs(ref, inputs, ids, lengths, c)
+    loss, _, grads = _loss_and_grads(policy, lambda: _policy_loss(policy, inputs, ids, lengths, adv, ref_lp, c))
 
     def video_r1():  # pixels repeated G times, logits over every position, log-softmax + gather, then the slice
         with torch.no_grad():
             ref_full = completion_logprobs_reference(ref, inputs, ids, mask, num_samples=G)
-        torch.testing.assert_close(ref_lp[mask.bool()], ref_full[mask.bool()], rtol=0, atol=2e-5)
+        torch.testing.assert_close(ref_lp, ref_full[mask.bool()], rtol=0, atol=2e-5)
         logp = completion_logprobs_reference(policy, inputs, ids, mask, num_samples=G)
         return grpo_loss_from_logprobs(logp, mask, adv, ref_full, **cfg.loss.kernel_kwargs())
 

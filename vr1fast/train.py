@@ -8,8 +8,8 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
     data.shuffle   build_shuffle_pair      → PromptBatch ordered (B prompts) + shuffled (video prompts only)
     rollout        rollout                 → completions [B·G, L] ordered, [B_video·S, L] shuffled
     rl.advantages  score_batch             → rewards, temporal bonus, length bonus, advantages [B·G]
-    model.forward  completion_hidden + rl.loss.completion_logprobs → frozen-reference log-probs [B·G, L]
-    model.forward  completion_hidden + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
+    model.forward  completion_rows + rl.loss.completion_logprobs → frozen-reference log-probs [N] (real tokens)
+    model.forward  completion_rows + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
     optimizer step → the next rollout sees the new weights at once; metrics; checkpoint
 
 Deviations from Video-R1 (``grpo_trainer.py``), all keeping its numbers: several prompts per rank (each group is
@@ -42,7 +42,7 @@ from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_media
 from vr1fast.dsconfig import deepspeed_config, hf_deepspeed_config
 from vr1fast.metrics import Metrics, StageTimer
-from vr1fast.model.forward import completion_hidden
+from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import (build_model, checkpoint_config, freeze, reference_model, resolve_attn,
                                 tiny_model)
 from vr1fast.rl.advantages import score_batch
@@ -138,21 +138,20 @@ def _shuffled_texts(run: Run, pair, completions, num_prompts: int) -> Optional[l
     return out
 
 
-def _policy_loss(model, inputs, completion_ids, completion_mask, advantages, ref_logprobs, cfg: Config):
-    """Runs as the wrapped forward: hidden states on completion positions → GRPO loss (``rl.loss``)."""
-    hidden, weight = completion_hidden(model, inputs, completion_ids, completion_mask,
-                                       num_samples=cfg.rollout.num_generations)
-    return policy_loss(hidden, weight, completion_ids, completion_mask, advantages, ref_logprobs, cfg.loss,
-                       temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens)
+def _policy_loss(model, inputs, completion_ids, lengths: list[int], advantages, ref_logprobs, cfg: Config):
+    """Runs as the wrapped forward: the packed completion tokens' hidden states → GRPO loss (``rl.loss``).
+    ``lengths`` is a host list (a wrapper such as DDP would move a tensor argument to the device)."""
+    rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations)
+    return policy_loss(rows, advantages, ref_logprobs, cfg.loss, temperature=cfg.rollout.temperature,
+                       max_completion_length=cfg.rollout.max_new_tokens)
 
 
-def _reference_logprobs(model, inputs, completion_ids, completion_mask, cfg: Config):
-    """Runs as the reference model's forward: no-grad log-probs on completion positions (``rl.loss``), through
-    the same kernels as the policy loss (``loss.impl``)."""
+def _reference_logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
+    """Runs as the reference model's forward: no-grad log-probs [N] of the packed completion tokens
+    (``rl.loss``), through the same head implementation and layout as the policy loss."""
     with torch.no_grad():
-        hidden, weight = completion_hidden(model, inputs, completion_ids, completion_mask,
-                                           num_samples=cfg.rollout.num_generations)
-        return completion_logprobs(hidden, weight, completion_ids, cfg.loss, temperature=cfg.rollout.temperature)
+        rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations)
+        return completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature)
 
 
 def _check_prompt_lengths(lengths: list[int], samples: list[Sample], limit: int) -> None:
@@ -210,12 +209,12 @@ def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, flo
             rewards = score_batch(_texts(run, ordered), ordered.lengths, [s.solution for s in samples],
                                   [s.problem_type for s in samples],
                                   _shuffled_texts(run, pair, shuffled, len(samples)), cfg.reward)
-        ids, mask = ordered.ids, ordered.mask
+        ids, lengths = ordered.ids, ordered.lengths.tolist()  # on the host already (the rewards read them)
         with timer("ref"):
-            ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, mask, cfg)
+            ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, lengths, cfg)
         with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
             with _autocast(run):
-                loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, mask,
+                loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, lengths,
                                                        rewards.advantages.to(device), ref_lp, cfg)
             dist.backward(run.policy, loss / cfg.train.grad_accum, last)
         rows.append({**rewards.metrics(), "skipped_media": skipped})

@@ -10,8 +10,8 @@ from media import prompt_inputs
 from vr1fast.data.dataset import load_records
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.kernels.reference import selective_log_softmax
-from vr1fast.model.forward import (completion_hidden, completion_logprobs_reference, expand_prompts,
-                                   prompt_positions, sequence_positions)
+from vr1fast.model.forward import (completion_hidden, completion_logprobs_reference, completion_rows,
+                                   expand_prompts, offsets_of, pack, prompt_positions, sequence_positions)
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import TEXT_VOCAB_SIZE
 
@@ -50,6 +50,24 @@ def fast_logprobs(model, batch, ids, mask):
     hidden, weight = completion_hidden(model, batch, ids, mask, num_samples=G)
     assert hidden.shape == (ids.shape[0], L, model.config.text_config.hidden_size) and weight is model.lm_head.weight
     return selective_log_softmax(hidden @ weight.T, ids)
+
+
+def test_completion_rows_pack_the_real_tokens(model_tok, mixed):
+    """The packed record holds exactly the masked-in rows of completion_hidden, completion after completion, and
+    its log-probs equal the full-logits reference's on those tokens."""
+    model, tok = model_tok
+    ids, mask = completions(mixed, tok.pad_token_id, seed=3)
+    lengths = mask.sum(1)
+    rows = completion_rows(model, mixed, ids, lengths.tolist(), num_samples=G)
+    hidden, weight = completion_hidden(model, mixed, ids, mask, num_samples=G)
+    assert rows.offsets.tolist() == [0, *lengths.cumsum(0).tolist()] and rows.weight is weight
+    assert rows.hidden.shape == (int(lengths.sum()), hidden.shape[-1]) and torch.equal(rows.ids, ids[mask.bool()])
+    torch.testing.assert_close(rows.hidden, hidden[mask.bool()], rtol=0, atol=1e-6)
+    ref = completion_logprobs_reference(model, mixed, ids, mask, num_samples=G)
+    torch.testing.assert_close(selective_log_softmax(rows.hidden @ weight.T, rows.ids), ref[mask.bool()],
+                               atol=2e-5, rtol=0)
+    x = torch.arange(12.0).reshape(3, 4)
+    assert pack(x, offsets_of([2, 0, 3])).tolist() == [0.0, 1.0, 8.0, 9.0, 10.0]
 
 
 def test_prompts_are_left_padded(mixed):

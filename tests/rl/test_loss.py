@@ -1,11 +1,17 @@
-"""rl.loss.policy_loss: the Video-R1 loss through the LM head, from LossConfig."""
+"""rl.loss.policy_loss: the Video-R1 loss through the LM head on the packed completion tokens, from LossConfig."""
 import math
 
 import pytest
 import torch
 
 from vr1fast.config import LossConfig
+from vr1fast.model.forward import CompletionRows, offsets_of, pack
 from vr1fast.rl.loss import completion_logprobs, policy_loss
+
+
+def _rows(hidden, weight, ids, mask) -> CompletionRows:
+    offsets = offsets_of(mask.sum(1).long())
+    return CompletionRows(pack(hidden, offsets), pack(ids, offsets), offsets, weight)
 
 
 def test_policy_loss_video_r1_value_and_gradient():
@@ -19,9 +25,11 @@ def test_policy_loss_video_r1_value_and_gradient():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
     adv = torch.tensor([0.8, -1.1], dtype=torch.float64)
     cfg = LossConfig(impl="reference")
-    lp = completion_logprobs(hidden, weight, ids, cfg)
+    rows = _rows(hidden, weight, ids, mask)
+    lp = completion_logprobs(rows, cfg)
     d = torch.tensor([[0.3, -0.2, 0.1, 7.0], [0.25, -0.4, 0.6, -0.1]], dtype=torch.float64)
-    loss, metrics = policy_loss(hidden, weight, ids, mask, adv, lp + d, cfg)
+    assert lp.shape == (7,)  # the real tokens only
+    loss, metrics = policy_loss(rows, adv, lp + pack(d, rows.offsets), cfg)
     k3 = d.exp() - d - 1
     want = sum((-adv[i] + 0.04 * k3[i][mask[i].bool()]).mean() for i in range(B)) / B
     assert loss.item() == pytest.approx(want.item(), abs=1e-12)
@@ -43,5 +51,5 @@ def test_policy_loss_dr_grpo_uses_max_completion_length():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     adv = torch.tensor([1.0, 3.0])
     cfg = LossConfig(loss_type="dr_grpo", beta=0.0, impl="reference")
-    loss, _ = policy_loss(hidden, weight, ids, mask, adv, None, cfg, max_completion_length=10)
+    loss, _ = policy_loss(_rows(hidden, weight, ids, mask), adv, None, cfg, max_completion_length=10)
     assert loss.item() == pytest.approx(-(1.0 * 2 + 3.0 * 3) / (2 * 10), abs=1e-6)

@@ -173,8 +173,8 @@ class _TokenGrpo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, _dstats):
-        dx, dw = ctx.saved_tensors
-        scale = (lambda g: None if g is None else g * dloss.to(g.dtype))
+        dx, dw = ctx.saved_tensors  # scaled in place: a second V×H buffer would break the memory bound
+        scale = (lambda g: None if g is None else g.mul_(dloss.to(g.dtype)))
         return scale(dx), scale(dw), *([None] * 11)
 
 

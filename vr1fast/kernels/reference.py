@@ -128,10 +128,11 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def packed_positions(offsets: Tensor) -> tuple[Tensor, int]:
-    """(flat positions b·T + j of the packed rows in a [B, T] padded layout, T = the longest sequence); CPU."""
+def packed_positions(offsets: Tensor, width: Optional[int] = None) -> tuple[Tensor, int]:
+    """(flat positions b·T + j of the packed rows in a [B, T] padded layout, T = ``width`` or the longest
+    sequence); CPU."""
     lengths = offsets[1:] - offsets[:-1]
-    width = max(int(lengths.max()), 1)
+    width = width or max(int(lengths.max()), 1)
     seq = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     return seq * width + torch.arange(int(offsets[-1])) - offsets[:-1][seq], width
 

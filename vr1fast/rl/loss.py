@@ -1,8 +1,9 @@
-"""The policy loss the train step calls: GRPO through the LM head on completion positions only.
+"""The policy loss the train step calls: GRPO through the LM head on the real completion tokens only (packed).
 
-``hidden[:, t]`` is the final hidden state that predicts completion token ``completion_ids[:, t]``, i.e. the model's
-output at sequence position ``prompt_len - 1 + t``. Computing the head there only (not over the ≤16k-token video
-prompt as Video-R1 does) changes no value: the loss only reads completion positions.
+Row r of ``CompletionRows.hidden`` is the final hidden state that predicts completion token ``ids[r]`` (the model's
+output one position before it). Computing the head there only (not over the ≤16k-token video prompt as Video-R1
+does, nor over the padding after each completion's end) changes no value: the loss only reads real completion
+tokens.
 
 Temperature: log-probs use softmax(z / T) with T the sampling temperature (TRL). Video-R1 never divides by T; it
 samples at T = 1.0, where both agree.
@@ -16,33 +17,35 @@ from torch import Tensor
 
 from vr1fast import kernels
 from vr1fast.config import LossConfig
+from vr1fast.model.forward import CompletionRows
 
 
-def _impl(cfg: LossConfig, name: str):
-    return getattr(kernels, name) if cfg.impl == "auto" else kernels.implementation(name, cfg.impl)
+def _impl(cfg: LossConfig, name: str, device: torch.device):
+    """``loss.impl`` (auto: ``$VR1FAST_IMPL``, else Triton on CUDA) with the ``loss.head`` design."""
+    return kernels.implementation(name, None if cfg.impl == "auto" else cfg.impl, device.type, head=cfg.head)
 
 
 @torch.no_grad()
-def completion_logprobs(hidden: Tensor, lm_head_weight: Tensor, completion_ids: Tensor, cfg: LossConfig,
-                        temperature: float = 1.0) -> Tensor:
-    """No-grad per-token log-probs [B, T] (fp32) of the completions, for the reference or old policy."""
-    return _impl(cfg, "linear_logprobs")(hidden, lm_head_weight, completion_ids, temperature)
+def completion_logprobs(rows: CompletionRows, cfg: LossConfig, temperature: float = 1.0) -> Tensor:
+    """No-grad log-probs [N] (fp32) of the packed completion tokens, for the reference or old policy; the same
+    head implementation and layout as :func:`policy_loss`, so a reference equal to the policy gives equal values."""
+    return _impl(cfg, "linear_logprobs", rows.hidden.device)(rows.hidden, rows.weight, rows.ids, temperature)
 
 
-def policy_loss(hidden: Tensor, lm_head_weight: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                advantages: Tensor, ref_logprobs: Optional[Tensor], cfg: LossConfig, *,
+def policy_loss(rows: CompletionRows, advantages: Tensor, ref_logprobs: Optional[Tensor], cfg: LossConfig, *,
                 old_logprobs: Optional[Tensor] = None, temperature: float = 1.0,
                 max_completion_length: Optional[int] = None,
                 num_items: Optional[float] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss and detached metrics for one micro-batch.
 
-    hidden [B, T, H] at completion positions, lm_head_weight [V, H], completion_ids / completion_mask [B, T],
-    advantages [B], ref_logprobs [B, T] (None only when ``cfg.beta == 0``), old_logprobs [B, T] or None
-    (on-policy, Video-R1's single update per rollout). ``max_completion_length`` is needed by dr_grpo (the
+    rows: the packed completion tokens (``model.forward.CompletionRows``: hidden [N, H], ids [N], offsets [B+1],
+    the head weight), advantages [B], ref_logprobs [N] (None only when ``cfg.beta == 0``), old_logprobs [N] or
+    None (on-policy, Video-R1's single update per rollout). ``max_completion_length`` is needed by dr_grpo (the
     rollout's max_new_tokens); ``num_items`` is the dapo normaliser (active tokens of the generation batch per
-    process; default this micro-batch's). The caller divides by gradient-accumulation steps.
+    process; default this micro-batch's). Values and gradients equal the padded layout's (``kernels.reference``).
+    The caller divides by gradient-accumulation steps.
     """
-    return _impl(cfg, "linear_grpo_loss")(
-        hidden, lm_head_weight, completion_ids, completion_mask, advantages, ref_logprobs, old_logprobs,
+    return _impl(cfg, "linear_grpo_loss", rows.hidden.device)(
+        rows.hidden, rows.weight, rows.ids, None, advantages, ref_logprobs, old_logprobs, offsets=rows.offsets,
         temperature=temperature, max_completion_length=max_completion_length, num_items=num_items,
         **cfg.kernel_kwargs())
