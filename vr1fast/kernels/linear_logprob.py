@@ -51,7 +51,9 @@ GROUP_M = 8  # token blocks per L2 group (see _grouped)
 DZ_FRACTION = 6  # the backward's dz chunk buffer holds at most 1/DZ_FRACTION of the weight's bytes
 # GPU tiles (H100, wgmma-sized), autotuned once per H and dtype; fp32 inputs get their own tile (4-byte operands:
 # fewer stages fit the 227 KB of shared memory). The interpreter runs one small tile so the CPU tests stay fast.
-# The forward's 128×256 tile spilled 117 registers at sm_90 (kernel-audit F5), so the forward keeps 128×128.
+# The forward's 128×256 tile spilled 117 registers at sm_90 (kernel-audit F5), so the forward keeps 128×128 and
+# needs no tuning; the backward's choice is cached on disk (``cache_results``), so only a machine's first run
+# times the two tiles, not step 1 of every run on every rank (kernel-audit F10).
 TILES_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -119,7 +121,7 @@ def _grouped(num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + pid % size_m, (pid % (GROUP_M * num_n)) // size_m
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["H"], prune_configs_by=_prune("fwd"))
+@triton.autotune(configs=FWD_CONFIGS, key=["H"], prune_configs_by=_prune("fwd"), cache_results=True)
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, idx_ptr, pmax_ptr, psum_ptr, pdot_ptr, tgt_ptr,
                 N, V, H, stride_x, stride_w, num_splits, split_v, inv_t,
@@ -159,7 +161,7 @@ def _fwd_kernel(x_ptr, w_ptr, idx_ptr, pmax_ptr, psum_ptr, pdot_ptr, tgt_ptr,
     tl.store(tgt_ptr + rows, s_y, mask=row_ok & (y >= v_lo) & (y < v_hi))
 
 
-@triton.autotune(configs=CONFIGS, key=["H"], prune_configs_by=_prune("dlogits"))
+@triton.autotune(configs=CONFIGS, key=["H"], prune_configs_by=_prune("dlogits"), cache_results=True)
 @triton.jit
 def _dlogits_kernel(x_ptr, w_ptr, idx_ptr, lse_ptr, es_ptr, glogp_ptr, gent_ptr, dz_ptr,
                     N, V, H, stride_x, stride_w, stride_dz, v_lo, v_len, inv_t,
