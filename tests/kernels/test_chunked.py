@@ -193,3 +193,23 @@ def test_sm90_aot_compile():
     assert len(compiled) == len(chunked.aot_variants()) == 5
     for c in compiled:
         assert c["cubin"] > 0 and c["shared"] <= 227 * 1024 and c["local"] == 0, c
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused", "reference"])
+def test_reference_logprobs_of_the_policy_give_kl_exactly_zero(impl):
+    """Step 1 of training: the reference model is the policy, so its no-grad log-probs (``linear_logprobs``) must
+    equal the ones inside the loss bit for bit (k3 = 0 exactly, as in Video-R1), on either layout."""
+    hidden, weight, idx, mask, adv, _, _ = _grpo_batch(19, with_ref=False, with_old=False)
+    h, w = hidden.bfloat16(), weight.bfloat16()
+    fns = {name: (reference.__dict__[name] if impl == "reference"
+                  else kernels.implementation(name, "triton", head=impl)) for name in ("linear_logprobs",
+                                                                                        "linear_grpo_loss")}
+    with torch.no_grad():
+        ref = fns["linear_logprobs"](h, w, idx)
+    _, metrics = fns["linear_grpo_loss"](h.requires_grad_(), w.requires_grad_(), idx, mask, adv, ref)
+    assert metrics["kl"].item() == 0.0
+    ph, pidx, _, _, offsets = _packed((h.detach(), w, idx, mask, adv, None, None))
+    with torch.no_grad():
+        pref = fns["linear_logprobs"](ph, w, pidx)
+    _, metrics = fns["linear_grpo_loss"](ph.requires_grad_(), w, pidx, None, adv, pref, offsets=offsets)
+    assert metrics["kl"].item() == 0.0
