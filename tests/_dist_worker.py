@@ -2,7 +2,8 @@
 
 Trains with ``vr1fast.train`` (ARGS are its config overrides), then every rank gathers the full policy weights its
 own way (DDP / ZeRO-2: the local replica; FSDP2: ``full_tensor``; ZeRO-3: ``GatheredParameters``) and hashes
-them; rank 0 writes each rank's hash, the largest change from the initial tiny model, and the world size.
+them; rank 0 writes each rank's hash, the largest change from the initial tiny model (rounded to the dtype the
+weights are held in: DeepSpeed's bf16 block casts them, which alone is no training), and the world size.
 It also counts the all-gather collectives each rank issues around one ``dist.rollout_call`` greedy generate of
 1 and of 4 new tokens on a real prompt: with the weights gathered once per call the count cannot grow with the
 number of decode steps.
@@ -94,11 +95,12 @@ def main() -> None:
     run, state = build(cfg)
     train(run, state)
     gathers = _gathers_per_generate(run, state)
-    weights = {_hf_name(n): t.float().cpu() for n, t in _full_weights(run.policy).items()}
+    held = {_hf_name(n): t.cpu() for n, t in _full_weights(run.policy).items()}
+    weights = {k: t.float() for k, t in held.items()}
     digest = hashlib.sha256()
     for name in sorted(weights):
         digest.update(name.encode() + weights[name].numpy().tobytes())
-    moved = max((weights[k] - initial[k]).abs().max().item() for k in weights)
+    moved = max((weights[k] - initial[k].to(held[k].dtype).float()).abs().max().item() for k in weights)
     rows = [None] * tdist.get_world_size()
     tdist.all_gather_object(rows, {"rank": run.info.rank, "digest": digest.hexdigest(), "moved": moved,
                                 "gathers": gathers})

@@ -9,12 +9,13 @@ import torch
 from vr1fast import ckpt, dist
 from vr1fast.config import ConfigError, DistConfig
 from vr1fast.model.load import load_model, tiny_model
+from vr1fast.precision import precision_plan
 
 
 def _wrapped(model):
     info = dist.init(DistConfig(strategy="none"))
     policy = dist.wrap_policy(
-        model, info, DistConfig(strategy="none"), bf16=False,
+        model, info, DistConfig(strategy="none"), precision=precision_plan("none", False),
         make_optimizer=lambda named: torch.optim.AdamW([p for _, p in named], lr=1e-2, weight_decay=0.1),
         make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)))
     return policy, info

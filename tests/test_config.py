@@ -32,7 +32,7 @@ def test_videor1_preset_has_the_video_r1_constants():
     assert (cfg.reward.len_min, cfg.reward.len_max, cfg.reward.len_bonus) == (320, 512, 0.2)
     assert (cfg.video.max_frames, cfg.video.min_frames, cfg.video.fps) == (16, 4, 2.0)
     assert cfg.video.min_pixels == cfg.video.max_pixels == 100352
-    assert (cfg.train.prompts_per_rank, cfg.train.grad_accum, cfg.train.bf16) == (1, 1, True)
+    assert (cfg.train.prompts_per_rank, cfg.train.grad_accum, cfg.train.bf16) == (1, 1, None)  # None: bf16 on CUDA
     assert cfg.model.gradient_checkpointing is True
     assert cfg.to_dict() == videor1().to_dict() == {**Config().to_dict(), "preset": "videor1"}
 
@@ -47,6 +47,11 @@ def test_overrides_parse_to_the_field_type():
     assert cfg.loss.kl_clamp is None and cfg.data.skip_bad is True
     assert cfg.reward.reward_funcs == ("accuracy",)
     assert cfg.dist.strategy == "fsdp2"
+
+
+@pytest.mark.parametrize("text, value", [("null", None), ("true", True), ("false", False)])
+def test_train_bf16_is_null_true_or_false(text, value):
+    assert parse_args([f"--train.bf16={text}"]).train.bf16 is value
 
 
 @pytest.mark.parametrize("argv, names", [

@@ -2,7 +2,11 @@
 
 Each run trains the tiny model for 2 steps (gradient accumulation where the strategy has its own path for it),
 then every rank gathers the full weights and hashes them: the ranks must hold the same weights, those weights
-must have moved from the initial model, and the HF checkpoint rank 0 wrote must hash to the same value.
+must have moved from the initial model (lr·weight decay = 0.5 % a step, over half a bf16 ulp), and the HF
+checkpoint rank 0 wrote must hash to the same value.
+The runs use the bf16 precision plan (``--train.bf16=true``: the GPU plan, under CPU autocast for DDP), where the
+reference computes exactly as the policy at step 1: the first step's KL is exactly 0, the second's (moved
+weights) is not (``precision.precision_plan``).
 Under FSDP2 and ZeRO-3 a rollout gathers the weights once per generate: the all-gathers a rank issues for a
 4-token generate equal those for a 1-token one (per-layer gathering would add some for every decode step).
 DeepSpeed JIT-builds its shm op once per machine (about 65 s, cached in the torch_extensions dir).
@@ -57,8 +61,8 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     argv = [f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", f"--train.output_dir={out}",
             "--train.max_steps=2", "--train.save_every=2", "--rollout.num_generations=2",
             "--rollout.num_shuffled=2", "--rollout.max_new_tokens=6", "--metrics.progress_bar=false",
-            "--optim.lr=1e-3", "--optim.weight_decay=0.5", "--optim.warmup_steps=0", "--model.warmstart_steps=0",
-            *STRATEGIES[strategy]]
+            "--optim.lr=1e-2", "--optim.weight_decay=0.5", "--optim.warmup_steps=0", "--model.warmstart_steps=0",
+            "--train.bf16=true", *STRATEGIES[strategy]]
     if strategy == "zero3_folder":
         argv.append(f"--model.path={save_tiny(tmp_path / 'tiny_checkpoint')}")  # the worker's initial weights
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -77,6 +81,7 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    assert rows[0]["kl"] == 0.0 < rows[1]["kl"]
     for rank in (a, b):
         gathers = {int(k): v for k, v in rank["gathers"].items()}
         assert gathers[4] == gathers[1], gathers

@@ -8,13 +8,15 @@ Strategies (``DistConfig.strategy``):
   * ``none``      one process, plain module;
   * ``ddp``       ``DistributedDataParallel``;
   * ``fsdp2``     ``fully_shard`` on every decoder layer, on the vision tower as its own unit (HF ``generate`` runs
-                  it outside the root forward), then on the root; bf16 ``MixedPrecisionPolicy`` on GPU;
+                  it outside the root forward), then on the root; bf16 ``MixedPrecisionPolicy`` under the bf16 plan;
   * ``deepspeed`` ZeRO-2/3 from a user JSON in Video-R1's ``zero3.json`` shape: "auto" values are filled, an
                   optimizer block gets ``torch_adam: true`` (no JIT build of fused Adam); without one, torch AdamW
                   is passed in, as HF Trainer does for Video-R1.
 The model stays plain. :class:`Runner` holds it and runs any ``fn(model, ...)`` as its forward, so the GRPO loss,
 which reads ``lm_head.weight`` without calling ``lm_head``, runs inside the wrapped forward where DDP, FSDP2 and
 ZeRO-3 have the parameters gathered (ZeRO-3 also gets the head weight registered as an external parameter).
+Which dtypes the policy and the reference compute in is one table, ``vr1fast.precision.precision_plan``; the
+wrappers apply it to both models alike.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from vr1fast.config import ConfigError, DistConfig
+from vr1fast.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class Wrapped:
     runner: nn.Module
     model: nn.Module
     strategy: str
+    precision: Precision             # dist.autocast reads it; the same plan for the policy and the reference
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Optional[Any] = None
     engine: Optional[Any] = None     # the DeepSpeed engine (== runner) under deepspeed
@@ -198,7 +202,7 @@ def lm_head_weight(model: nn.Module) -> nn.Parameter:
     return model.get_output_embeddings().weight
 
 
-def _fully_shard(model: nn.Module, info: DistInfo, bf16: bool) -> Runner:
+def _fully_shard(model: nn.Module, info: DistInfo, precision: Precision) -> Runner:
     """FSDP2: each decoder layer, the vision tower, then the root Runner (root inputs are not cast: advantages and
     log-probs stay fp32). The root is lazily initialised at once, before ``generate`` can touch the tower.
 
@@ -209,8 +213,8 @@ def _fully_shard(model: nn.Module, info: DistInfo, bf16: bool) -> Runner:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=precision.fsdp_param, reduce_dtype=torch.float32) \
+        if precision.fsdp_param is not None else MixedPrecisionPolicy()
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     tower = vision_tower(model)
@@ -224,11 +228,12 @@ def _fully_shard(model: nn.Module, info: DistInfo, bf16: bool) -> Runner:
     return runner
 
 
-def wrap_policy(model: nn.Module, info: DistInfo, cfg: DistConfig, *, bf16: bool,
+def wrap_policy(model: nn.Module, info: DistInfo, cfg: DistConfig, *, precision: Precision,
                 make_optimizer: Callable, make_scheduler: Callable, ds_config: Optional[dict] = None) -> Wrapped:
     """Move/shard the trainable policy and build its optimizer (``make_optimizer([(name, param), ...])``) and LR
-    schedule (``make_scheduler(optimizer)``). ``bf16``: bf16 compute on GPU (FSDP2 mixed precision; DeepSpeed's
-    bf16). Under DeepSpeed an ``optimizer`` block of the JSON wins over ``make_optimizer``."""
+    schedule (``make_scheduler(optimizer)``), with the FSDP2 mixed precision of ``precision`` (DeepSpeed's comes
+    from ``ds_config``, built from the same plan). Under DeepSpeed an ``optimizer`` block of the JSON wins over
+    ``make_optimizer``."""
     if info.strategy == "deepspeed":
         import deepspeed
         runner = Runner(model)
@@ -240,9 +245,9 @@ def wrap_policy(model: nn.Module, info: DistInfo, cfg: DistConfig, *, bf16: bool
         stage = ds_config["zero_optimization"].get("stage", 0)
         if stage == 3:
             deepspeed.zero.register_external_parameter(runner, lm_head_weight(model))
-        return Wrapped(engine, model, "deepspeed", optimizer, scheduler, engine, stage)
+        return Wrapped(engine, model, "deepspeed", precision, optimizer, scheduler, engine, stage)
     if info.strategy == "fsdp2":
-        runner = _fully_shard(model, info, bf16 and info.device.type == "cuda")
+        runner = _fully_shard(model, info, precision)
     else:
         model.to(info.device)
         runner = Runner(model)
@@ -250,34 +255,39 @@ def wrap_policy(model: nn.Module, info: DistInfo, cfg: DistConfig, *, bf16: bool
             runner = nn.parallel.DistributedDataParallel(
                 runner, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     optimizer = make_optimizer([(n, p) for n, p in runner.named_parameters() if p.requires_grad])
-    return Wrapped(runner, model, info.strategy, optimizer, make_scheduler(optimizer))
+    return Wrapped(runner, model, info.strategy, precision, optimizer, make_scheduler(optimizer))
 
 
-def wrap_reference(model: nn.Module, info: DistInfo, *, bf16: bool, ds_config: Optional[dict] = None) -> Wrapped:
-    """The frozen reference model: sharded like the policy under FSDP2 / ZeRO-3, a plain replica otherwise."""
+def wrap_reference(model: nn.Module, info: DistInfo, *, precision: Precision,
+                   ds_config: Optional[dict] = None) -> Wrapped:
+    """The frozen reference, wrapped like the policy so that it computes as the policy does at step 1
+    (``precision.precision_plan``): sharded by FSDP2 with the same mixed precision, a DeepSpeed engine with the same
+    bf16 block (ZeRO-3: partitioned; ZeRO-2: stage 0, a replica, as TRL's ``prepare_deepspeed``), a plain replica
+    under none / DDP (run under the same autocast, :func:`autocast`). Its dtype is the caller's (built as the
+    policy was); nothing here casts it."""
     model.requires_grad_(False).eval()
-    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0) if info.strategy == "deepspeed" else 0
-    if stage == 3:
+    if info.strategy == "deepspeed":
         import deepspeed
+        stage = ds_config["zero_optimization"].get("stage", 0)
         runner = Runner(model)
         ref_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        ref_cfg["zero_optimization"] = dict(ds_config["zero_optimization"], stage=3 if stage == 3 else 0)
         engine, *_ = deepspeed.initialize(model=runner, config=ref_cfg)
-        deepspeed.zero.register_external_parameter(runner, lm_head_weight(model))
+        if stage == 3:
+            deepspeed.zero.register_external_parameter(runner, lm_head_weight(model))
         engine.eval()
-        return Wrapped(engine, model, "deepspeed", engine=engine, zero_stage=3)
+        return Wrapped(engine, model, "deepspeed", precision, engine=engine, zero_stage=3 if stage == 3 else 0)
     if info.strategy == "fsdp2":
-        return Wrapped(_fully_shard(model, info, bf16 and info.device.type == "cuda"), model, "fsdp2")
+        return Wrapped(_fully_shard(model, info, precision), model, "fsdp2", precision)
     model.to(info.device)
-    if bf16 and info.device.type == "cuda":
-        model.to(torch.bfloat16)
-    return Wrapped(Runner(model), model, info.strategy)
+    return Wrapped(Runner(model), model, info.strategy, precision)
 
 
-def autocast(wrapped: Wrapped, device: torch.device, bf16: bool):
-    """bf16 autocast on GPU for the plain and DDP policy; FSDP2 (``MixedPrecisionPolicy``) and DeepSpeed (its
-    bf16 block) bring their own mixed precision."""
-    on = bf16 and device.type == "cuda" and wrapped.strategy in ("none", "ddp")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+def autocast(wrapped: Wrapped, device: torch.device):
+    """The plan's torch autocast (none, DDP) around a forward of ``wrapped``, policy or reference; FSDP2
+    (``MixedPrecisionPolicy``) and DeepSpeed (its bf16 block) bring their own mixed precision."""
+    dtype = wrapped.precision.autocast
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def rollout_call(wrapped: Wrapped, fn: Callable, *args, **kwargs):

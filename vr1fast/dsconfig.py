@@ -8,13 +8,16 @@ import json
 from pathlib import Path
 
 from vr1fast.config import ConfigError, DistConfig
+from vr1fast.precision import Precision
 
 
 def deepspeed_config(cfg: DistConfig, *, hidden_size: int, prompts_per_rank: int, grad_accum: int,
-                     world_size: int, max_grad_norm: float, bf16: bool, optim: dict) -> dict:
+                     world_size: int, max_grad_norm: float, precision: Precision, optim: dict) -> dict:
     """Load ``cfg.deepspeed_config`` (or a minimal ZeRO-``cfg.zero_stage`` one) and fill every "auto" value.
 
-    ``optim`` holds lr, betas, eps, weight_decay for an optimizer block, which also gets ``torch_adam: true``."""
+    The bf16 block is ``precision.deepspeed_bf16`` (the run's one precision plan, ``precision.precision_plan``); a JSON
+    whose explicit bf16 / fp16 ``enabled`` disagrees with it is an error. ``optim`` holds lr, betas, eps,
+    weight_decay for an optimizer block, which also gets ``torch_adam: true``."""
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
         try:
@@ -37,10 +40,13 @@ def deepspeed_config(cfg: DistConfig, *, hidden_size: int, prompts_per_rank: int
                 "gradient_clipping"):
         ds.setdefault(key, "auto")
     ds.setdefault("zero_optimization", {"stage": cfg.zero_stage})
-    for half, on in (("bf16", bf16), ("fp16", False)):
+    for half, on in (("bf16", precision.deepspeed_bf16), ("fp16", False)):
         block = ds.setdefault(half, {"enabled": "auto"})
-        if block.get("enabled") == "auto":
+        if block.get("enabled", "auto") == "auto":
             block["enabled"] = on
+        elif block["enabled"] != on:
+            raise ConfigError(f"dist.deepspeed_config: {half}.enabled={block['enabled']} disagrees with the "
+                              f"precision plan ({precision.describe()}); set it to \"auto\" or change train.bf16")
     if "optimizer" in ds:
         ds["optimizer"].setdefault("params", {})["torch_adam"] = True
     _fill_auto(ds, fills, "")
