@@ -1,14 +1,19 @@
-"""Shared benchmark plumbing: timing, peak memory, rooflines measured in the same run, result rows and plots.
+"""Shared benchmark plumbing: timing, clean peak memory, rooflines measured in the same run, SPEC verdicts, rows, plots.
 
 * ``timed(fn)``: CUDA-event times of ``reps`` calls after ``warmup`` → ms at p20 / p50 / p80 (perf_counter on CPU).
-* ``peak_gib(fn)``: ``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it, in
-  GiB (0 on CPU): the working memory and outputs of the call, whatever else is resident. Rows also carry the inputs'
-  size and the ideal (the outputs any implementation must allocate, e.g. gradients), so the SPEC's memory ratio is
-  (inputs + peak) / (inputs + ideal).
+* ``peak_gib(fn, device, start)``: ``torch.cuda.max_memory_allocated`` during one call minus what was allocated
+  just before it, in GiB. Clean by construction: ``Results.add`` clears the ``.grad`` of the given leaves after
+  every call (so a call never starts with the previous call's gradients resident, the F7 bias), and the
+  measurement refuses (the row gets a note) when more than ``RETAINED_SLACK`` stayed allocated since before the
+  first call. Not measured on the CPU (empty). Rows also carry the inputs' size and the ideal (what any
+  implementation must allocate, e.g. dW), so the SPEC's memory ratio is (inputs + peak) / (inputs + ideal).
 * Rooflines, measured on the same GPU in the same process: ``matmul_tflops`` (cuBLAS ``torch.mm`` of a given
   shape and dtype) and ``copy_gbps`` (a device-to-device copy, read + write bytes counted).
-* ``Results`` appends rows to ``<out>/<name>.csv`` with GPU, torch/triton/liger versions, git commit and date
-  (house rule 8) and plots ms p50 (and % of roofline) against N per case and implementation.
+* ``judge(rows)``: the ratio columns (x_eager, x_liger, vs_bf16, mem_ratio) and a PASS/FAIL column per SPEC target
+  (``TARGETS``; SPEC.md "Performance targets") for vr1fast's rows.
+* ``Results`` appends rows to ``<out>/<name>.csv`` with GPU, torch/triton/liger versions, the float32 matmul
+  precision of the row, git commit and date (house rule 8), after every ``flush()`` (benchmarks flush once per N,
+  so a run stopped by a timeout keeps what it measured), and plots ms p50 (and % of roofline) against N.
 
 Benchmarks refuse to run without a GPU unless given ``--cpu-smoke``: tiny shapes on the CPU, kernels under
 ``TRITON_INTERPRET=1``, results written to ``--out`` (a plumbing check only, no numbers worth reading).
@@ -16,6 +21,7 @@ Benchmarks refuse to run without a GPU unless given ``--cpu-smoke``: tiny shapes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import importlib.metadata
@@ -23,23 +29,56 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
+RATIOS = ["x_eager", "x_liger", "vs_bf16", "mem_ratio"]
+VERDICTS = ["pass_roofline", "pass_eager", "pass_liger", "pass_memory", "pass_autocast"]
 FIELDS = ["bench", "case", "impl", "N", "H", "V", "dtype", "ms_p20", "ms_p50", "ms_p80", "peak_gib", "inputs_gib",
-          "ideal_gib",
-          "rate", "unit", "roofline", "pct_roofline", "note", "gpu", "torch", "triton", "liger", "commit", "date"]
+          "ideal_gib", "ideal_is", "rate", "unit", "roofline", "pct_roofline", *RATIOS, *VERDICTS, "note", "gpu",
+          "torch", "triton", "liger", "fp32_matmul", "commit", "date"]
+PRINTED = ["case", "impl", "N", "ms_p50", "rate", "unit", "pct_roofline", "peak_gib", "fp32_matmul", "note"]
+RETAINED_SLACK = 128 * 2**20  # bytes a call may leave allocated (cuBLAS workspaces, autotune caches)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One SPEC target: rows of ``case`` by a judged implementation pass when ``metric`` ≥ ``bar`` (≤ if not
+    ``higher``); the verdict goes to ``column``."""
+    column: str
+    case: str
+    metric: str
+    bar: float
+    higher: bool
+    text: str
+
+
+TARGETS = (
+    Target("pass_roofline", "head_grpo", "pct_roofline", 80.0, True, "≥ 80% of the cuBLAS rate for 6NHV"),
+    Target("pass_liger", "head_grpo", "x_liger", 1.5, True, "≥ 1.5× liger (fastest liger row)"),
+    Target("pass_eager", "head_grpo", "x_eager", 1.2, True, "≥ 1.2× torch eager"),
+    Target("pass_memory", "head_grpo", "mem_ratio", 1.2, False, "inputs + peak ≤ 1.2× (inputs + ideal)"),
+    Target("pass_autocast", "head_grpo_autocast", "vs_bf16", 1.1, False, "fp32 masters + autocast within 10% of bf16"),
+    Target("pass_roofline", "logits_nograd", "pct_roofline", 85.0, True, "≥ 85% of the copy bandwidth"),
+)
+
+
+def judged(impl: str) -> bool:
+    """vr1fast's own implementations (not its pure-torch reference) are the ones the SPEC targets judge."""
+    return impl.startswith("vr1fast") and not impl.startswith("vr1fast_reference")
 
 
 def parse_args(description: str, default_n: str, smoke_n: str) -> argparse.Namespace:
     """Common flags; exits with a one-line message (status 1) when there is no GPU and no ``--cpu-smoke``."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--n", default=None, help=f"comma-separated token counts N (default {default_n})")
+    p.add_argument("--n", default=None, help=f"comma-separated token counts N, run in this order (default {default_n})")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--max-seconds", type=float, default=None, help="start no new N after this many seconds")
     p.add_argument("--out", default=str(ROOT / "results"), help="directory for the CSV and the plot")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (interpreter): plumbing only")
     args = p.parse_args()
@@ -51,6 +90,16 @@ def parse_args(description: str, default_n: str, smoke_n: str) -> argparse.Names
     args.device = torch.device("cpu" if args.cpu_smoke else "cuda")
     args.sizes = [int(n) for n in (args.n or (smoke_n if args.cpu_smoke else default_n)).split(",")]
     return args
+
+
+def sizes(args: argparse.Namespace) -> Iterable[int]:
+    """``args.sizes`` in order, stopping (with a line saying so) once ``--max-seconds`` have passed."""
+    start = time.monotonic()
+    for n in args.sizes:
+        if args.max_seconds is not None and time.monotonic() - start > args.max_seconds:
+            print(f"skipping N={n} and later: over --max-seconds {args.max_seconds:g}", flush=True)
+            return
+        yield n
 
 
 def sync(device: torch.device) -> None:
@@ -84,13 +133,17 @@ def percentiles(ms: list[float]) -> tuple[float, ...]:
     return tuple(q.tolist())
 
 
-def peak_gib(fn: Callable[[], object], device: torch.device) -> float:
-    """GiB allocated at the peak of one ``fn()`` call above what was allocated before it (0.0 on CPU)."""
+def peak_gib(fn: Callable[[], object], device: torch.device, start: int) -> Optional[float]:
+    """GiB allocated at the peak of one ``fn()`` call above what was allocated just before it (None on CPU).
+
+    ``start``: bytes allocated before the implementation's first call. More than RETAINED_SLACK above it now means
+    something (gradients, caches) survives between calls and would hide part of the peak: that raises."""
     if device.type != "cuda":
-        fn()
-        return 0.0
+        return None
     sync(device)
     before = torch.cuda.memory_allocated(device)
+    if before - start > RETAINED_SLACK:
+        raise RuntimeError(f"{(before - start) / 2**30:.3f} GiB stayed allocated between calls: peak not clean")
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     sync(device)
@@ -106,8 +159,8 @@ def matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
 
 
 def copy_gbps(nbytes: int, device: torch.device, reps: int = 10) -> float:
-    """Device-to-device copy rate (GB/s, read + write bytes, p50): the memory roofline of this GPU."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
+    """Device-to-device copy rate (GB/s, read + write bytes, p50) of random data: the memory roofline."""
+    src = torch.randn(nbytes // 2, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = timed(lambda: dst.copy_(src), device, reps)[1]
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
@@ -120,66 +173,149 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-def environment(device: torch.device) -> dict:
+def _commit() -> str:
+    """Short commit (+dirty) of this checkout, else $VR1FAST_COMMIT (a copied tree without .git), else unknown."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
+        return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return os.environ.get("VR1FAST_COMMIT") or "unknown"
+
+
+def environment(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     return dict(gpu=gpu, torch=torch.__version__, triton=_version("triton"), liger=_version("liger-kernel"),
-                commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+@contextlib.contextmanager
+def fp32_matmul(precision: Optional[str]):
+    """torch.set_float32_matmul_precision(precision) inside the block (unchanged for None)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision or saved)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _clearing(fn: Callable[[], object], leaves: tuple) -> Callable[[], None]:
+    """``fn()`` with its output dropped and the leaves' gradients cleared after it."""
+    def call() -> None:
+        fn()
+        for t in leaves:
+            t.grad = None
+    return call
+
+
+def _num(row: dict, key: str) -> Optional[float]:
+    value = row.get(key, "")
+    return None if value in ("", None) else float(value)
+
+
+def _ratios(row: dict, rows: list[dict]) -> dict:
+    """x_eager / x_liger (their p50 over this row's, same case and N), vs_bf16 (an autocast row's p50 over the same
+    implementation's in the bf16 case), mem_ratio ((inputs + peak) / (inputs + ideal))."""
+    ms = _num(row, "ms_p50")
+    if ms is None:
+        return {}
+    peers = [r for r in rows if r["case"] == row["case"] and r["N"] == row["N"] and _num(r, "ms_p50")]
+    eager = [_num(r, "ms_p50") for r in peers if r["impl"] == "torch_eager"]
+    liger = [_num(r, "ms_p50") for r in peers if r["impl"].startswith("liger")]
+    out = {"x_eager": eager and _sig(eager[0] / ms), "x_liger": liger and _sig(min(liger) / ms)}
+    if row["case"].endswith("_autocast"):
+        base = [_num(r, "ms_p50") for r in rows if r["case"] == row["case"][:-len("_autocast")]
+                and r["N"] == row["N"] and r["impl"] == row["impl"] and _num(r, "ms_p50")]
+        out["vs_bf16"] = base and _sig(ms / base[0])
+    peak, ideal, inputs = _num(row, "peak_gib"), _num(row, "ideal_gib"), _num(row, "inputs_gib") or 0.0
+    if peak is not None and ideal:
+        out["mem_ratio"] = _sig((inputs + peak) / (inputs + ideal))
+    return {k: v for k, v in out.items() if v}
+
+
+def judge(rows: list[dict]) -> None:
+    """Fill the ratio columns of every timed row and the SPEC verdicts (PASS/FAIL) of vr1fast's rows, in place."""
+    for row in rows:
+        row.update(_ratios(row, rows))
+    for row in rows:
+        for t in TARGETS:
+            value = _num(row, t.metric)
+            if row["case"] == t.case and judged(row["impl"]) and value is not None:
+                row[t.column] = "PASS" if (value >= t.bar if t.higher else value <= t.bar) else "FAIL"
+
+
 class Results:
-    """Rows of one benchmark: ``add`` measures and prints one, ``save`` appends them to CSV and draws the plot."""
+    """Rows of one benchmark: ``add`` measures and prints one, ``flush`` judges and appends the new rows to the
+    CSV, ``save`` flushes and draws the plot."""
 
     def __init__(self, name: str, args: argparse.Namespace):
-        self.name, self.args, self.rows = name, args, []
+        self.name, self.args, self.rows, self.written = name, args, [], 0
         self.env = environment(args.device)
 
-    def add(self, case: str, impl: str, shape: dict, fn: Optional[Callable[[], object]], *, work: float = 0.0,
-            unit: str = "TFLOP/s", roofline: float = 0.0, inputs_gib: float = 0.0, ideal_gib: float = 0.0,
-            note: str = "") -> dict:
-        """Time ``fn`` (``work`` = FLOPs or bytes per call); a failing or missing implementation becomes a note."""
+    def add(self, case: str, impl: str, shape: dict, fn: Optional[Callable[[], object]], *, leaves: tuple = (),
+            precision: Optional[str] = None, work: float = 0.0, unit: str = "TFLOP/s", roofline: float = 0.0,
+            inputs_gib: float = 0.0, ideal_gib: float = 0.0, ideal_is: str = "", note: str = "") -> dict:
+        """Time ``fn`` (``work`` = FLOPs or bytes per call) under float32 matmul ``precision`` (None: as set),
+        clearing the grads of ``leaves`` after each call; a failing or missing implementation becomes a note."""
+        dev = self.args.device
         row = dict(bench=self.name, case=case, impl=impl, **shape, inputs_gib=_sig(inputs_gib),
-                   ideal_gib=_sig(ideal_gib), unit=unit, roofline=_sig(roofline), note=note, **self.env)
+                   ideal_gib=_sig(ideal_gib), ideal_is=ideal_is, unit=unit, roofline=_sig(roofline), note=note,
+                   **self.env)
         try:
             if fn is None:
                 raise RuntimeError(note or "not available")
-            ms = timed(fn, self.args.device, self.args.reps, self.args.warmup)
-            row["ms_p20"], row["ms_p50"], row["ms_p80"] = (_sig(t) for t in ms)
-            row["peak_gib"] = _sig(peak_gib(fn, self.args.device))
-            rate = work / (ms[1] * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9) if work else None
-            row["rate"] = _sig(rate) if rate else ""
-            row["pct_roofline"] = _sig(100 * rate / roofline) if rate and roofline else ""
+            call = _clearing(fn, leaves)
+            start = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+            with fp32_matmul(precision):
+                row["fp32_matmul"] = torch.get_float32_matmul_precision()
+                ms = timed(call, dev, self.args.reps, self.args.warmup)
+                row["ms_p20"], row["ms_p50"], row["ms_p80"] = (_sig(t) for t in ms)
+                rate = work / (ms[1] * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9) if work else None
+                row["rate"] = _sig(rate) if rate else ""
+                row["pct_roofline"] = _sig(100 * rate / roofline) if rate and roofline else ""
+                peak = peak_gib(call, dev, start)
+            row["peak_gib"] = "" if peak is None else _sig(peak)
         except Exception as e:  # one broken baseline must not lose the other rows
             row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         finally:
-            if self.args.device.type == "cuda":
+            for t in leaves:
+                t.grad = None
+            if dev.type == "cuda":
                 torch.cuda.empty_cache()
         self.rows.append(row)
-        print(" ".join(f"{k}={row.get(k, '')}" for k in FIELDS[:FIELDS.index("gpu")]), flush=True)
+        print(" ".join(f"{k}={row[k]}" for k in PRINTED if row.get(k, "") != ""), flush=True)
         return row
 
-    def save(self) -> Path:
+    def flush(self) -> Path:
+        """Judge all rows so far and append the ones not yet written to ``<out>/<name>.csv``."""
+        judge(self.rows)
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.name}.csv"
-        new = not path.exists()
+        if path.exists() and path.stat().st_size:
+            with path.open(newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != FIELDS:
+                raise SystemExit(f"{path}: its columns are not this harness's (an older run?): move it away")
+        new = not path.exists() or not path.stat().st_size
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             if new:
                 writer.writeheader()
-            writer.writerows({k: row.get(k, "") for k in FIELDS} for row in self.rows)
-        plot(self.rows, out / f"{self.name}.png", self.name)
+            writer.writerows({k: row.get(k, "") for k in FIELDS} for row in self.rows[self.written:])
+        self.written = len(self.rows)
+        return path
+
+    def save(self) -> Path:
+        path = self.flush()
+        plot(self.rows, path.with_suffix(".png"), self.name)
         return path
 
 
@@ -191,9 +327,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     cases = sorted({r["case"] for r in rows})
-    colors = {impl: f"C{i}" for i, impl in enumerate(sorted({r["impl"] for r in rows}))}
-    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4), squeeze=False)
-    for ax, case in zip(axes[0], cases):
+    colors = {impl: f"C{i % 10}" for i, impl in enumerate(sorted({r["impl"] for r in rows}))}
+    ncols = min(3, max(1, len(cases)))
+    nrows = -(-len(cases) // ncols) or 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax, case in zip(axes.flat, cases):
         for impl in sorted({r["impl"] for r in rows if r["case"] == case}):
             pts = sorted((r["N"], r["ms_p50"], r.get("pct_roofline", "")) for r in rows
                          if r["case"] == case and r["impl"] == impl and r.get("ms_p50", "") != "")
@@ -205,6 +343,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                     ax.annotate(f"{pct:.0f}%", (n, ms), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="ms (p50)", title=case)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.set_visible(False)
     fig.suptitle(f"{title} — {rows[0]['gpu'] if rows else ''}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,5 +1,7 @@
 """The benchmark scripts run end to end in their ``--cpu-smoke`` mode (tiny shapes, kernels interpreted) and refuse to
-run without a GPU otherwise, so they cannot rot between GPU runs. The numbers they print here mean nothing."""
+run without a GPU otherwise, so they cannot rot between GPU runs; their rows carry the version, precision, ratio and
+verdict columns, and ``summarize.py`` turns them into a verdict table. The numbers they print here mean nothing."""
+import argparse
 import csv
 import subprocess
 import sys
@@ -9,24 +11,98 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-CASES = {"bench_logprobs.py": ("logprobs", {"head_nograd", "head_fwd_bwd", "logits_nograd"}),
-         "bench_grpo_loss.py": ("grpo_loss", {"head_grpo", "head_grpo_frozen", "logits_grpo"})}
+sys.path.insert(0, str(BENCH))
+
+import _harness  # noqa: E402
+
+HEADS = ["vr1fast_chunked", "vr1fast_fused", "torch_eager", "vr1fast_reference"]
+LOGITS = ["vr1fast", "torch_eager", "vr1fast_reference", "liger"]
+CASES = {  # case → every implementation that must have been timed (liger is installed in the dev venv)
+    "bench_logprobs.py": ("logprobs", {"head_nograd": HEADS + ["liger"], "head_fwd_bwd": HEADS,
+                                       "head_entropy": HEADS, "logits_nograd": LOGITS}),
+    "bench_grpo_loss.py": ("grpo_loss", {
+        "head_grpo": ["cublas_gemms", *HEADS, "liger", "liger_tf32"],
+        "head_grpo_frozen": ["cublas_gemms", *HEADS, "liger"],
+        "head_grpo_autocast": ["vr1fast_chunked", "vr1fast_fused", "torch_eager"],
+        "head_grpo_padded": ["vr1fast_chunked_packed", "vr1fast_fused_packed", "vr1fast_chunked", "vr1fast_fused",
+                             "torch_eager"],
+        "logits_grpo": LOGITS}),
+}
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_cpu_smoke_writes_rows_and_plot(script, tmp_path):
+def test_cpu_smoke_writes_rows_verdicts_and_plot(script, tmp_path):
     name, cases = CASES[script]
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--cpu-smoke", "--n", "32,48", "--out",
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--cpu-smoke", "--n", "48,32", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / f"{name}.csv").open() as f:
+        assert next(csv.reader(f)) == _harness.FIELDS
     rows = list(csv.DictReader((tmp_path / f"{name}.csv").open()))
-    assert {r["case"] for r in rows} == cases and {r["N"] for r in rows} == {"32", "48"}
-    ours = [r for r in rows if r["impl"] in ("vr1fast", "torch_eager", "vr1fast_reference")]
-    assert len(ours) == 3 * 2 * len(cases)
-    for r in ours:  # every implementation of ours and the torch baseline ran and was timed
-        assert r["note"] == "" and float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]), r
-        assert float(r["rate"]) > 0 and float(r["roofline"]) > 0 and r["gpu"] == "cpu (smoke)" and r["commit"]
+    assert [r["N"] for r in rows][0] == "48"  # sizes run in the given order
+    got = {(r["case"], r["impl"], r["N"]) for r in rows}
+    assert got == {(c, i, n) for c, impls in cases.items() for i in impls for n in ("32", "48")}
+    for r in rows:  # every implementation ran and was timed, on the CPU (no peak), with its precision recorded
+        assert r["note"] == "" or (r["case"] == "head_grpo_padded" and " real of " in r["note"]), r
+        assert float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]), r
+        assert r["gpu"] == "cpu (smoke)" and r["commit"] and r["liger"] != "absent" and r["peak_gib"] == ""
+        assert r["fp32_matmul"] == ("high" if r["impl"] == "liger_tf32" else torch.get_float32_matmul_precision())
+        if r["impl"] != "cublas_gemms" and "torch_eager" in cases[r["case"]]:
+            assert float(r["x_eager"]) > 0, r
+    judged = [r for r in rows if _harness.judged(r["impl"])]
+    for r in judged:
+        if r["case"] == "head_grpo":
+            assert {r[c] for c in ("pass_roofline", "pass_eager", "pass_liger")} <= {"PASS", "FAIL"}, r
+            assert r["pass_memory"] == "" and r["ideal_is"].startswith("dW"), r  # no peak measured on the CPU
+        if r["case"] == "head_grpo_autocast":
+            assert float(r["vs_bf16"]) > 0 and r["pass_autocast"] in ("PASS", "FAIL"), r
+        if r["case"] == "logits_nograd":
+            assert r["pass_roofline"] in ("PASS", "FAIL"), r
+    assert sum(r["pass_roofline"] != "" for r in judged) == (4 if name == "grpo_loss" else 2)
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    summary = subprocess.run([sys.executable, str(BENCH / "summarize.py"), str(tmp_path), "--out",
+                              str(tmp_path / "summary.md")], capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    text = (tmp_path / "summary.md").read_text()
+    assert "CPU smoke rows" in text and all(f"**{c}**" in text for c in cases)
+    assert ("≥ 80% of the cuBLAS rate" in text) == (name == "grpo_loss")
+
+
+def test_judge_ratios_and_verdicts():
+    """The ratio columns and SPEC verdicts of hand-made rows (liger at its faster precision; autocast vs bf16)."""
+    def row(case, impl, ms, **kw):
+        return dict(case=case, impl=impl, N=8192, ms_p50=ms, **kw)
+
+    rows = [row("head_grpo", "vr1fast_chunked", 10.0, pct_roofline=82.0, peak_gib=2.8, inputs_gib=1.2,
+                ideal_gib=2.2), row("head_grpo", "torch_eager", 11.0), row("head_grpo", "liger", 40.0),
+            row("head_grpo", "liger_tf32", 16.0), row("head_grpo_autocast", "vr1fast_chunked", 11.5)]
+    _harness.judge(rows)
+    ours, eager, _, _, autocast = rows
+    assert (ours["x_eager"], ours["x_liger"], ours["mem_ratio"]) == (1.1, 1.6, _harness._sig(4.0 / 3.4))
+    assert (ours["pass_roofline"], ours["pass_eager"], ours["pass_liger"], ours["pass_memory"]) == \
+        ("PASS", "FAIL", "PASS", "PASS")
+    assert autocast["vs_bf16"] == 1.15 and autocast["pass_autocast"] == "FAIL"
+    assert eager["x_eager"] == 1.0 and "pass_eager" not in eager  # baselines get ratios, not verdicts
+
+
+def test_each_call_starts_without_the_previous_gradients(tmp_path):
+    """F7: ``Results.add`` clears the leaves' gradients after every call, so no call (timed or measured for its
+    peak) starts with the previous call's dX/dW resident."""
+    args = argparse.Namespace(device=torch.device("cpu"), reps=3, warmup=2, out=str(tmp_path))
+    res = _harness.Results("t", args)
+    x = torch.randn(4, 3, requires_grad=True)
+    calls = []
+
+    def fwd_bwd():
+        calls.append(x.grad is None)
+        (x * x).sum().backward()
+
+    row = res.add("case", "impl", dict(N=4, H=3, V="", dtype="fp32"), fwd_bwd, leaves=(x,))
+    assert row["note"] == "" and calls == [True] * 5 and x.grad is None
+    assert res.add("case", "other", dict(N=4, H=3, V="", dtype="fp32"), lambda: 1 / 0)["note"].startswith(
+        "ZeroDivisionError")
+    path = res.save()
+    assert [r["impl"] for r in csv.DictReader(path.open())] == ["impl", "other"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run for real")
