@@ -33,6 +33,7 @@ rows hold the extrapolated step times, tokens/s and ratio with the SPEC verdict 
 CPU (``--cpu-smoke``): the tiny model (2 layers, cut to 1), a few tokens: plumbing only.
 
     python benchmarks/bench_step.py [--layers 4] [--base-layers 1] [--tokens 128] [--reps 3] [--warmup 1]
+                                    [--max-seconds S]
     python benchmarks/bench_step.py --cpu-smoke --out /tmp/bench
 """
 from __future__ import annotations
@@ -40,8 +41,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -76,6 +79,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="text decoder layers of the 7B shape (Qwen2.5-VL-7B: 28)")
     p.add_argument("--base-layers", type=int, default=1, help="second depth for the per-layer slope; 0 = skip")
     p.add_argument("--tokens", type=int, default=None, help="forced new tokens per completion (default 128; smoke 8)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new repetition after this many seconds of steps (60%% for the --layers depth); "
+                        "each depth keeps at least one timed repetition")
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--cpu-smoke", action="store_true", help="the tiny model on the CPU: plumbing only")
     args = p.parse_args()
@@ -210,8 +216,10 @@ class Baseline:
     steps: int = 0
 
 
-def run_steps(run, state, baseline: Baseline, frames_of: dict, args) -> dict[str, list[dict]]:
-    """Warm-up + timed steps of both implementations in turn, on the same prompts (the same stream position)."""
+def run_steps(run, state, baseline: Baseline, frames_of: dict, args, deadline: float = math.inf
+              ) -> dict[str, list[dict]]:
+    """Warm-up + timed steps of both implementations in turn, on the same prompts (the same stream position);
+    no new repetition after ``deadline`` (``time.monotonic()``) once one is timed."""
     from videor1_step import videor1_step
 
     from vr1fast import dist
@@ -239,6 +247,9 @@ def run_steps(run, state, baseline: Baseline, frames_of: dict, args) -> dict[str
                 samples[impl].append(step[impl])
         print(f"layers {len(run.policy.model.model.language_model.layers)}, step {i + 1}/{args.warmup + args.reps}: "
               + ", ".join(f"{impl} {sum(step[impl]['seconds'].values()):.2f} s" for impl in IMPLS), flush=True)
+        if i >= args.warmup and time.monotonic() > deadline and i + 1 < args.warmup + args.reps:
+            print(f"stopping after {i + 1 - args.warmup} timed repetition(s): over --max-seconds", flush=True)
+            break
     return samples
 
 
@@ -342,13 +353,14 @@ def main() -> None:
         run, state = build(cfg, models_tiny() if args.cpu_smoke else models_7b(args.layers))
         frames = random_frames(cfg.video)
         frames_of = {s.path: frames for s in run.records.samples}
-        baseline, base = Baseline(), None
+        baseline, base, start = Baseline(), None, time.monotonic()
+        budget = math.inf if args.max_seconds is None else args.max_seconds
         try:
             with frames_from_memory(frames_of):
-                samples = run_steps(run, state, baseline, frames_of, args)
+                samples = run_steps(run, state, baseline, frames_of, args, start + 0.6 * budget)
                 if args.base_layers:
                     set_depth(run, args.base_layers)
-                    base = run_steps(run, state, baseline, frames_of, args)
+                    base = run_steps(run, state, baseline, frames_of, args, start + budget)
         finally:
             close(run)
     write_rows(args, run, samples, base)
