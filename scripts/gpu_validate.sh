@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Staged GPU validation on one H100/H200 with the stock CUDA PyTorch image (torch, triton, transformers, pytest,
+# numpy, matplotlib; no internet). Run from anywhere; vr1fast is put on PYTHONPATH (not pip-installed). Extra
+# wheels (e.g. liger_kernel-*.whl) in a git-ignored .whl/ folder are installed into a temporary --target dir.
+#
+#   scripts/gpu_validate.sh [--only head|step|engine|train|video] [--cpu-smoke] OUT_DIR
+#
+# Prints the versions first, then per stage its GPU tests (pytest -m gpu) and its benchmarks, each under `timeout`
+# so that a stage stays within 5 minutes. Writes OUT_DIR/gpu_validate.log and OUT_DIR/results.tar.gz, holding one
+# folder <date>_<gpu>_<commit>/ with the CSV / PNG / JSON / JUnit XML, versions.txt, summary.md (the SPEC verdicts,
+# benchmarks/summarize.py) and the log. Default stages: head, then step. --cpu-smoke runs every stage's plumbing on
+# the CPU (benchmarks with --cpu-smoke, the GPU tests collected and skipped), as CI does. Exit status 1 if a step
+# failed or timed out (the archive is written either way).
+#
+# Knobs (environment): PYTHON (python3), VR1FAST_COMMIT (the commit when the tree is a copy without .git),
+# GV_HEAD_N (token counts of the head benchmarks, in priority order; default 8192,2048,16384),
+# GV_STEP_ARGS (bench_step.py's flags; default --layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1).
+set -uo pipefail
+
+usage() { echo "usage: scripts/gpu_validate.sh [--only head|step|engine|train|video] [--cpu-smoke] OUT_DIR" >&2; exit 2; }
+
+ONLY="" SMOKE=0 OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --only) [ $# -ge 2 ] || usage; ONLY=$2; shift 2 ;;
+    --only=*) ONLY=${1#--only=}; shift ;;
+    --cpu-smoke) SMOKE=1; shift ;;
+    -h|--help) usage ;;
+    -*) echo "gpu_validate.sh: unknown option $1" >&2; usage ;;
+    *) [ -z "$OUT" ] || { echo "gpu_validate.sh: one OUT_DIR only (got $OUT and $1)" >&2; usage; }; OUT=$1; shift ;;
+  esac
+done
+[ -n "$OUT" ] || { echo "gpu_validate.sh: OUT_DIR missing" >&2; usage; }
+case "$ONLY" in
+  ""|head|step|engine|train|video) ;;
+  *) echo "gpu_validate.sh: --only $ONLY is not one of head, step, engine, train, video" >&2; exit 2 ;;
+esac
+if [ -n "$ONLY" ]; then STAGES=$ONLY; elif [ "$SMOKE" = 1 ]; then STAGES="head step engine train video"
+else STAGES="head step"; fi
+
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+PY=${PYTHON:-python3}
+LOG=$OUT/gpu_validate.log
+exec > >(tee "$LOG") 2>&1
+
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null) && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] \
+  && COMMIT="$COMMIT+dirty"
+COMMIT=${COMMIT:-${VR1FAST_COMMIT:-unknown}}
+export VR1FAST_COMMIT=$COMMIT PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "$SMOKE" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
+
+SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
+if compgen -G ".whl/*.whl" >/dev/null; then
+  echo "installing $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')into $SITE (--no-deps)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl \
+    || echo "warning: the wheels in .whl/ did not install; liger rows will say 'not importable'"
+fi
+export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+GPU=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' \
+  2>/dev/null || echo unknown)
+if [ "$SMOKE" = 0 ] && [ "$GPU" = cpu ]; then
+  echo "gpu_validate.sh: torch sees no CUDA GPU here (run with --cpu-smoke for the CPU plumbing check)"; exit 1
+fi
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)_$(echo "$GPU" | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')_${COMMIT//+/-}
+WORK=$SITE/$RUN_ID
+mkdir -p "$WORK"
+FAILED=0
+
+section() { printf '\n==== %s ====\n' "$*"; }
+
+versions() {
+  section "versions"
+  { echo "run $RUN_ID (cpu-smoke: $SMOKE; stages: $STAGES)"
+    echo "commit $COMMIT"
+    if command -v nvidia-smi >/dev/null; then
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    else
+      echo "nvidia-smi: not found"
+    fi
+    "$PY" - <<'EOF'
+import importlib.metadata as md
+import platform
+
+import torch
+
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "absent"
+
+cuda = torch.cuda.is_available()
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| device", torch.cuda.get_device_name(0) if cuda else "none",
+      f"| capability {torch.cuda.get_device_capability(0)}" if cuda else "")
+print(" | ".join(f"{d} {version(d)}" for d in ("triton", "transformers", "liger-kernel", "numpy", "matplotlib",
+                                                 "pytest")))
+print("float32 matmul precision", torch.get_float32_matmul_precision())
+EOF
+  } 2>&1 | tee "$WORK/versions.txt"
+}
+
+# step NAME SECONDS CMD...: run CMD under `timeout`, record ok / FAILED / TIMEOUT in status.txt.
+step() {
+  local name=$1 limit=$2 start rc status
+  shift 2
+  section "$name (limit ${limit}s): $*"
+  start=$SECONDS
+  timeout --kill-after=15 "$limit" "$@"
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="TIMEOUT after ${limit}s (rows written so far are kept)"; FAILED=1 ;;
+    *) status="FAILED (exit $rc)"; FAILED=1 ;;
+  esac
+  printf '%-28s %-10s %4ss\n' "$name" "$status" "$((SECONDS - start))" | tee -a "$WORK/status.txt"
+}
+
+bench() {  # bench SCRIPT SECONDS [ARGS...]: a benchmark writing into $WORK (tiny CPU shapes under --cpu-smoke)
+  local script=$1 limit=$2
+  shift 2
+  if [ "$SMOKE" = 1 ]; then step "$script" "$limit" "$PY" "benchmarks/$script" --cpu-smoke --out "$WORK"
+  else step "$script" "$limit" "$PY" "benchmarks/$script" "$@" --out "$WORK"; fi
+}
+
+stage_head() {  # ≤ 300 s: kernel tests ≤ 120, bench_logprobs ≤ 60, bench_grpo_loss ≤ 115
+  local n=${GV_HEAD_N:-8192,2048,16384}
+  step "head: pytest -m gpu" 120 "$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
+    --junitxml="$WORK/tests_head.xml"
+  bench bench_logprobs.py 60 --n "$n" --max-seconds 30
+  bench bench_grpo_loss.py 115 --n "$n" --max-seconds 60
+}
+
+stage_step() {  # ≤ 300 s: bench_step at reduced depth and forced tokens; it states its extrapolation to 28 layers
+  # shellcheck disable=SC2086  # GV_STEP_ARGS is a list of flags
+  bench bench_step.py 290 ${GV_STEP_ARGS:---layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1}
+}
+
+later() {  # later STAGE ISSUE: a stage whose code does not exist yet
+  section "stage $1"
+  echo "stage $1: nothing to run yet (issue $2)" | tee -a "$WORK/status.txt"
+}
+
+versions
+for stage in $STAGES; do
+  case $stage in
+    head) section "stage head"; stage_head ;;
+    step) section "stage step"; stage_step ;;
+    engine) later engine "9 and 10" ;;
+    train) later train 11 ;;
+    video) later video 13 ;;
+  esac
+done
+
+section "summary"
+if compgen -G "$WORK/*.csv" >/dev/null; then
+  "$PY" benchmarks/summarize.py "$WORK" --out "$WORK/summary.md" >/dev/null || FAILED=1
+else
+  echo "# Benchmark summary" >"$WORK/summary.md"
+fi
+{ printf '\n## Steps of %s\n\n```\n' "$RUN_ID"; cat "$WORK/status.txt"; printf '```\n'; } >>"$WORK/summary.md"
+cat "$WORK/summary.md"
+cp "$LOG" "$WORK/gpu_validate.log"
+tar -czf "$OUT/results.tar.gz" -C "$SITE" "$RUN_ID" || FAILED=1
+echo "wrote $LOG and $OUT/results.tar.gz ($RUN_ID/); $( [ $FAILED = 0 ] && echo 'every step ok' || echo 'some step FAILED')"
+exit $FAILED
