@@ -128,8 +128,10 @@ bench() {  # bench SCRIPT SECONDS [ARGS...]: a benchmark writing into $WORK (tin
 }
 
 stage_head() {  # ≤ 300 s: kernel tests ≤ 120, bench_logprobs ≤ 60, bench_grpo_loss ≤ 115
-  local n=${GV_HEAD_N:-8192,2048,16384}
-  step "head: pytest -m gpu" 120 "$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider \
+  local n=${GV_HEAD_N:-8192,2048,16384} workers=()
+  # On a GPU, 4 pytest-xdist workers compile the Triton kernels in parallel (a cold cache is most of the time).
+  if [ "$SMOKE" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 4); fi
+  step "head: pytest -m gpu" 120 "$PY" -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
     --junitxml="$WORK/tests_head.xml"
   bench bench_logprobs.py 60 --n "$n" --max-seconds 30
   bench bench_grpo_loss.py 115 --n "$n" --max-seconds 60

@@ -17,7 +17,8 @@ def gen(seed: int) -> torch.Generator:
 
 
 def randn(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
-    return (torch.randn(*shape, generator=gen(seed), device="cuda") * scale).to(dtype)
+    """N(0, scale²) drawn in ``dtype`` itself (no fp32 temporary: some inputs are 4 GB of bf16)."""
+    return torch.randn(*shape, generator=gen(seed), device="cuda", dtype=dtype).mul_(scale)
 
 
 def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
