@@ -65,7 +65,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     path: Optional[str] = None            # local HF checkpoint dir; None = the tiny random Qwen2.5-VL
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: training builds policy and reference
+    # in the precision plan's dtype (precision.precision_plan); model.load_model: bf16 on GPU, fp32 on CPU
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = True
     freeze_vision: bool = False
@@ -157,7 +158,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 42
     output_dir: str = "runs/vr1fast"
-    bf16: bool = True                     # autocast where a GPU exists
+    bf16: Optional[bool] = None           # the bf16 precision plan (precision.precision_plan): None = where CUDA
+    # exists; true = on any device (CPU: bf16 autocast); false = fp32
     resume: str = "none"                  # none | auto | <checkpoint dir>
     save_every: int = 100
     log_every: int = 1

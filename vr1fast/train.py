@@ -45,6 +45,7 @@ from vr1fast.metrics import Metrics, StageTimer
 from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import (build_model, checkpoint_config, freeze, reference_model, resolve_attn,
                                 tiny_model)
+from vr1fast.precision import Precision, precision_plan
 from vr1fast.rl.advantages import score_batch
 from vr1fast.rl.loss import completion_logprobs, policy_loss
 from vr1fast.rollout import rollout
@@ -84,8 +85,9 @@ class Run:
 # ---------------------------------------------------------------- the step
 
 
-def _autocast(run: Run):
-    return dist.autocast(run.policy, run.info.device, run.cfg.train.bf16)
+def _autocast(run: Run, wrapped: Optional[dist.Wrapped] = None):
+    """The precision plan's autocast for a forward of ``wrapped`` (default: the policy)."""
+    return dist.autocast(wrapped or run.policy, run.info.device)
 
 
 def next_prompts(run: Run, state: TrainState, seed: int) -> tuple[list[Sample], list[torch.Tensor], int]:
@@ -210,7 +212,7 @@ def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, flo
                                   [s.problem_type for s in samples],
                                   _shuffled_texts(run, pair, shuffled, len(samples)), cfg.reward)
         ids, lengths = ordered.ids, ordered.lengths.tolist()  # on the host already (the rewards read them)
-        with timer("ref"):
+        with timer("ref"), _autocast(run, run.ref):  # the reference runs under the policy's autocast
             ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, lengths, cfg)
         with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
             with _autocast(run):
@@ -325,11 +327,12 @@ def _warm_start(cfg: Config, info: dist.DistInfo) -> Optional[Path]:
     return (warm or make()).path  # the other ranks find rank 0's cache
 
 
-def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
+def _models(cfg: Config, info: dist.DistInfo, precision: Precision, attn: str, model_dir: Optional[Path]):
     """(policy, reference or None, tokenizer): the policy from ``model_dir`` (a checkpoint) or the configured
-    source; the reference always from the configured source (the frozen *initial* policy)."""
-    master = "float32" if cfg.model.dtype == "auto" and info.strategy != "deepspeed" else cfg.model.dtype
-    attn = resolve_attn(cfg.model.attn_implementation, info.device)  # FA2 on a GPU with flash-attn, else SDPA
+    source; the reference always from the configured source (the frozen *initial* policy). Both are built in the
+    precision plan's ``master`` dtype (or an explicit ``model.dtype``), with attention ``attn``."""
+    auto = str(precision.master).removeprefix("torch.")
+    master = auto if cfg.model.dtype == "auto" else cfg.model.dtype
     source = dataclasses.replace(cfg.model, dtype=master, attn_implementation=attn,
                                  path=str(model_dir) if model_dir else cfg.model.path)
     policy, tokenizer = build_model(source, device="cpu")
@@ -338,9 +341,9 @@ def _models(cfg: Config, info: dist.DistInfo, model_dir: Optional[Path]):
         load_warm_weights(policy, warm)
     ref = None
     if cfg.loss.beta != 0:
-        ref = (tiny_model(cfg.model.tiny_seed, tokenizer=tokenizer, attn_implementation=attn,
+        ref = (tiny_model(cfg.model.tiny_seed, dtype=master, tokenizer=tokenizer, attn_implementation=attn,
                           rope_positions=cfg.model.rope_positions)[0] if cfg.model.path is None
-               else reference_model(cfg.model.path, beta=cfg.loss.beta, dtype=cfg.model.dtype,
+               else reference_model(cfg.model.path, beta=cfg.loss.beta, dtype=master,
                                     attn_implementation=attn, device="cpu", rope_positions=cfg.model.rope_positions))
         if warm is not None:
             load_warm_weights(ref, warm)
@@ -358,35 +361,41 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
                                                 * cfg.train.grad_accum))
     total = cfg.train.max_steps or steps_per_epoch
     resume = dist.broadcast_object(ckpt.resolve(cfg.train.resume, cfg.train.output_dir))
-    bf16 = cfg.train.bf16 and info.device.type == "cuda"
+    bf16 = info.device.type == "cuda" if cfg.train.bf16 is None else cfg.train.bf16
+    precision = precision_plan(info.strategy, bf16)
     ds_config = keepalive = None
     if info.strategy == "deepspeed":
         ds_config = deepspeed_config(
             cfg.dist, hidden_size=_hidden_size(cfg), prompts_per_rank=cfg.train.prompts_per_rank,
             grad_accum=cfg.train.grad_accum, world_size=info.world_size, max_grad_norm=cfg.optim.max_grad_norm,
-            bf16=bf16, optim=dataclasses.asdict(cfg.optim))
+            precision=precision, optim=dataclasses.asdict(cfg.optim))
     zero3 = ds_config is not None and ds_config["zero_optimization"].get("stage") == 3
     if zero3 and cfg.train.prompts_per_rank > 1 and len({s.data_type for s in records}) > 1:
         raise ConfigError("train.prompts_per_rank > 1 with images and videos mixed cannot run under DeepSpeed ZeRO-3 "
                           "(ranks would run the vision tower a different number of times); use 1 or fsdp2")
     if zero3 and cfg.model.path is not None:  # from_pretrained then builds the checkpoint partitioned (zero.Init)
         keepalive = hf_deepspeed_config(ds_config)
-    policy_model, ref_model, tokenizer = models or _models(cfg, info, resume / "model" if resume else None)
+    attn = resolve_attn(cfg.model.attn_implementation, info.device)  # FA2 on a GPU with flash-attn, else SDPA
+    policy_model, ref_model, tokenizer = models or _models(cfg, info, precision, attn,
+                                                           resume / "model" if resume else None)
+    resolved = {"precision": precision.describe(), "attention": policy_model.config._attn_implementation}
+    dist.print0(f"vr1fast: {resolved['precision']}; attention {resolved['attention']}")
     if zero3 and keepalive is None:  # the tiny model is built whole, as under every other strategy
         keepalive = hf_deepspeed_config(ds_config)  # transformers' ZeRO-3 checks read it
     policy = dist.wrap_policy(
-        policy_model, info, cfg.dist, bf16=bf16, ds_config=ds_config,
+        policy_model, info, cfg.dist, precision=precision, ds_config=ds_config,
         make_optimizer=lambda named: torch.optim.AdamW(
             param_groups(named, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps),
         make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg.optim, total)))
-    ref = None if ref_model is None else dist.wrap_reference(ref_model, info, bf16=bf16, ds_config=ds_config)
+    ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision,
+                                                             ds_config=ds_config)
     state = TrainState()
     if resume:
         saved = ckpt.load(resume, policy, info=info)
         state = TrainState(saved["step"], Position(**saved["data"]))
     metrics = Metrics(cfg.metrics, cfg.train.output_dir, total_steps=total, start_step=state.step,
-                      enabled=info.is_main, run_config=cfg.to_dict())
+                      enabled=info.is_main, run_config={**cfg.to_dict(), "resolved": resolved})
     if info.is_main:
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
     run = Run(cfg, info, tokenizer, policy, ref, records, Sampler(len(records), cfg.train.seed, cfg.data.shuffle),
