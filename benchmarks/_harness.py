@@ -266,11 +266,11 @@ class Results:
         clearing the grads of ``leaves`` after each call; a failing or missing implementation becomes a note."""
         dev = self.args.device
         row = dict(bench=self.name, case=case, impl=impl, **shape, inputs_gib=_sig(inputs_gib),
-                   ideal_gib=_sig(ideal_gib), ideal_is=ideal_is, unit=unit, roofline=_sig(roofline), note=note,
-                   **self.env)
+                   ideal_gib=_sig(ideal_gib), ideal_is=ideal_is, unit=unit, roofline=_sig(roofline),
+                   note=note or ("" if fn else "not available"), **self.env)
+        if fn is None:
+            return self._keep(row)
         try:
-            if fn is None:
-                raise RuntimeError(note or "not available")
             call = _clearing(fn, leaves)
             start = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
             with fp32_matmul(precision):
@@ -289,6 +289,9 @@ class Results:
                 t.grad = None
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+        return self._keep(row)
+
+    def _keep(self, row: dict) -> dict:
         self.rows.append(row)
         print(" ".join(f"{k}={row[k]}" for k in PRINTED if row.get(k, "") != ""), flush=True)
         return row

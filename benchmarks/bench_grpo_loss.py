@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from _harness import Results, copy_gbps, parse_args, sizes
-from bench_logprobs import SEQS, SMOKE_H, SMOKE_V, H, V, dw_ideal, inputs, torch_eager_gather, torch_eager_logprobs, \
-    vr1fast_heads
+from bench_logprobs import SEQS, SMOKE_H, SMOKE_V, H, V, dw_ideal, inputs, liger, torch_eager_gather, \
+    torch_eager_logprobs, vr1fast_heads
 
 CFG = dict(beta=0.04, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, kl_clamp=10.0)  # Video-R1
 # Completion lengths as fractions of the longest (padded) one: mean 0.5075 ≈ 390 / 768, Video-R1's measured fill.
@@ -56,13 +56,13 @@ def torch_eager_loss(hidden, weight, index, mask, adv, ref):
 
 
 def liger_head_loss(compiled: bool):
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    except ImportError:
-        return None
-    module = LigerFusedLinearGRPOLoss(beta=CFG["beta"], loss_type="grpo", compiled=compiled, use_ref_model=True)
-    return lambda hidden, weight, index, mask, adv, ref: module(hidden, weight, index, mask, adv,
-                                                               ref_per_token_logps=ref)[0]
+    """liger's ``LigerFusedLinearGRPOLoss`` as fn(hidden, weight, index, mask, adv, ref) → loss, or None + why."""
+    cls, why = liger("chunked_loss", "LigerFusedLinearGRPOLoss")
+    if cls is None:
+        return None, why
+    module = cls(beta=CFG["beta"], loss_type="grpo", compiled=compiled, use_ref_model=True)
+    return (lambda hidden, weight, index, mask, adv, ref: module(hidden, weight, index, mask, adv,
+                                                                ref_per_token_logps=ref)[0]), ""
 
 
 def head_impls() -> dict:
@@ -100,7 +100,7 @@ def head_cases(res: Results, n: int, h: int, v: int) -> float:
     dev = res.args.device
     shape = dict(N=n, H=h, V=v, dtype="bf16")
     impls = head_impls()
-    liger = liger_head_loss(dev.type == "cuda")
+    liger_loss, why = liger_head_loss(dev.type == "cuda")
     rates = {}
     for case, frozen in (("head_grpo", False), ("head_grpo_frozen", True)):
         rates[case] = cublas_row(res, case, shape, frozen)
@@ -110,13 +110,13 @@ def head_cases(res: Results, n: int, h: int, v: int) -> float:
         tensors = (hidden, weight, index, mask, adv, ref)
         inputs_gib = sum(t.numel() * t.element_size() for t in tensors) / 2**30
         runs = {impl: (fn, None) for impl, fn in impls.items()}
-        runs.update(liger=(liger, None), **({} if frozen else {"liger_tf32": (liger, "high")}))
+        runs.update(liger=(liger_loss, None), **({} if frozen else {"liger_tf32": (liger_loss, "high")}))
         for impl, (fn, precision) in runs.items():
             ideal, ideal_is = (0.0, "nothing (frozen head)") if frozen else dw_ideal(impl, weight)
             res.add(case, impl, shape, fn and backward_of(fn, tensors), leaves=(hidden, weight),
                     precision=precision, work=2 * n * h * v * (2 if frozen else 3), roofline=rates[case],
                     inputs_gib=inputs_gib, ideal_gib=ideal, ideal_is=ideal_is,
-                    note="" if fn else "liger not importable")
+                    note="" if fn else why)
     return rates["head_grpo"]
 
 
@@ -191,18 +191,15 @@ def logits_case(res: Results, n: int, v: int, gbps: float) -> None:
     for impl, fn in impls.items():
         res.add("logits_grpo", impl, shape, lambda fn=fn: fn().backward(), leaves=(logits,), work=work,
                 unit="GB/s", roofline=gbps)
-    try:
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-    except ImportError:
-        triton_grpo_loss = None
+    triton_grpo_loss, why = liger("transformers.grpo_loss", "triton_grpo_loss")
     leaf = full.requires_grad_()
 
-    def liger():
+    def liger_loss():
         triton_grpo_loss(leaf, None, ref, index, adv, mask, temperature=1.0, beta=CFG["beta"], eps_low=0.2,
                          eps_high=0.2, inplace=True, loss_type="grpo", reduce=True)[0].backward()
 
-    res.add("logits_grpo", "liger", shape, liger if triton_grpo_loss else None, leaves=(leaf,), work=work,
-            unit="GB/s", roofline=gbps, note="" if triton_grpo_loss else "liger not importable")
+    res.add("logits_grpo", "liger", shape, liger_loss if triton_grpo_loss else None, leaves=(leaf,), work=work,
+            unit="GB/s", roofline=gbps, note=why)
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ path), and liger's Triton ``fused_selective_log_softmax`` (on cuBLAS logits for 
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import Callable, Optional
 
 import torch
 
@@ -62,13 +63,18 @@ def torch_eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, index: torc
     return torch_eager_gather(hidden @ weight.T, index, return_entropy)
 
 
-def liger_selective_log_softmax():
-    """liger's Triton logits-level log-prob (takes [B, L+1, V] logits, as a causal LM returns them), or None."""
+def liger(module: str, name: str) -> tuple[Optional[Callable], str]:
+    """(``liger_kernel.<module>.<name>``, "") or (None, why not): a missing liger, or one whose imports fail against
+    this transformers, costs its rows a note, not the run."""
     try:
-        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
-    except ImportError:
-        return None
-    return fused_selective_log_softmax
+        return getattr(importlib.import_module(f"liger_kernel.{module}"), name), ""
+    except Exception as e:  # noqa: BLE001 — ImportError, or an AttributeError inside liger's own imports
+        return None, f"liger not importable: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+
+def liger_selective_log_softmax() -> tuple[Optional[Callable], str]:
+    """liger's Triton logits-level log-prob (takes [B, L+1, V] logits, as a causal LM returns them), or None + why."""
+    return liger("ops.grpo_loss", "fused_selective_log_softmax")
 
 
 def inputs(n: int, h: int, v: int, device: torch.device, grad: bool):
@@ -86,14 +92,14 @@ def head_nograd(res: Results, n: int, h: int, v: int, tflops: float) -> None:
     hidden, weight, index = inputs(n, h, v, res.args.device, grad=False)
     impls = {**vr1fast_heads("linear_logprobs"), "torch_eager": torch_eager_logprobs,
              "vr1fast_reference": kernels.implementation("linear_logprobs", "reference")}
-    liger = liger_selective_log_softmax()
+    gather, why = liger_selective_log_softmax()
     with torch.no_grad():
         for impl, fn in impls.items():
             res.add("head_nograd", impl, shape, lambda fn=fn: fn(hidden, weight, index), work=2 * n * h * v,
                     roofline=tflops)
         res.add("head_nograd", "liger", shape,
-                liger and (lambda: liger(torch.cat([hidden, hidden[:, -1:]], 1) @ weight.T, index, 1.0)),
-                work=2 * n * h * v, roofline=tflops, note="" if liger else "liger not importable")
+                gather and (lambda: gather(torch.cat([hidden, hidden[:, -1:]], 1) @ weight.T, index, 1.0)),
+                work=2 * n * h * v, roofline=tflops, note=why)
 
 
 def head_fwd_bwd(res: Results, n: int, h: int, v: int, tflops: float) -> None:
@@ -140,9 +146,9 @@ def logits_case(res: Results, n: int, v: int, gbps: float) -> None:
         for impl, fn in impls.items():
             res.add("logits_nograd", impl, shape, lambda fn=fn: fn(body, index), work=n * v * 2, unit="GB/s",
                     roofline=gbps)
-        liger = liger_selective_log_softmax()
-        res.add("logits_nograd", "liger", shape, liger and (lambda: liger(logits, index, 1.0)), work=n * v * 2,
-                unit="GB/s", roofline=gbps, note="" if liger else "liger not importable")
+        gather, why = liger_selective_log_softmax()
+        res.add("logits_nograd", "liger", shape, gather and (lambda: gather(logits, index, 1.0)), work=n * v * 2,
+                unit="GB/s", roofline=gbps, note=why)
 
 
 def main() -> None:
