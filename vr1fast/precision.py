@@ -19,7 +19,6 @@ from vr1fast.config import ConfigError
 class Precision:
     """How the policy and the frozen reference compute under one strategy (:func:`precision_plan`)."""
 
-    strategy: str                       # none | ddp | fsdp2 | deepspeed
     master: torch.dtype                 # dtype both models are built in; the policy's optimizer updates it
     autocast: Optional[torch.dtype]     # torch.autocast around every policy and reference forward (None: off)
     fsdp_param: Optional[torch.dtype]   # FSDP2 MixedPrecisionPolicy.param_dtype of both models (None: as built)
@@ -65,6 +64,6 @@ def precision_plan(strategy: str, bf16: bool) -> Precision:
     if strategy not in ("none", "ddp", "fsdp2", "deepspeed"):
         raise ConfigError(f"precision_plan: unknown strategy {strategy!r}")
     half = torch.bfloat16 if bf16 else None
-    return Precision(strategy, torch.float32, autocast=half if strategy in ("none", "ddp") else None,
+    return Precision(torch.float32, autocast=half if strategy in ("none", "ddp") else None,
                      fsdp_param=half if strategy == "fsdp2" else None,
                      deepspeed_bf16=bf16 and strategy == "deepspeed")
