@@ -11,9 +11,9 @@
   shape and dtype) and ``copy_gbps`` (a device-to-device copy, read + write bytes counted).
 * ``judge(rows)``: the ratio columns (x_eager, x_liger, vs_bf16, mem_ratio) and a PASS/FAIL column per SPEC target
   (``TARGETS``; SPEC.md "Performance targets") for vr1fast's rows.
-* ``Results`` appends rows to ``<out>/<name>.csv`` with GPU, torch/triton/liger versions, the float32 matmul
-  precision of the row, git commit and date (house rule 8), after every ``flush()`` (benchmarks flush once per N,
-  so a run stopped by a timeout keeps what it measured), and plots ms p50 (and % of roofline) against N.
+* ``Results`` adds rows to ``<out>/<name>.csv`` with GPU, torch/triton/liger versions, the float32 matmul
+  precision of the row, git commit and date (house rule 8), writing the file after every row (a run stopped by a
+  timeout keeps what it measured; earlier runs' rows stay), and plots ms p50 (and % of roofline) against N.
 
 Benchmarks refuse to run without a GPU unless given ``--cpu-smoke``: tiny shapes on the CPU, kernels under
 ``TRITON_INTERPRET=1``, results written to ``--out`` (a plumbing check only, no numbers worth reading).
@@ -252,12 +252,24 @@ def judge(rows: list[dict]) -> None:
 
 
 class Results:
-    """Rows of one benchmark: ``add`` measures and prints one, ``flush`` judges and appends the new rows to the
-    CSV, ``save`` flushes and draws the plot."""
+    """Rows of one benchmark in ``<out>/<name>.csv``: ``add`` measures, prints and writes one (the file is rewritten
+    with the ratio columns judged again after every row, so a run killed by a timeout keeps every finished row and
+    the rows of earlier runs in the file), ``save`` also draws the plot."""
 
     def __init__(self, name: str, args: argparse.Namespace):
-        self.name, self.args, self.rows, self.written = name, args, [], 0
+        self.name, self.args, self.rows = name, args, []
         self.env = environment(args.device)
+        self.path = Path(args.out) / f"{name}.csv"
+        self.earlier = self._earlier_runs()
+
+    def _earlier_runs(self) -> list[dict]:
+        if not self.path.exists() or not self.path.stat().st_size:
+            return []
+        with self.path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != FIELDS:
+                raise SystemExit(f"{self.path}: its columns are not this harness's (an older run?): move it away")
+            return list(reader)
 
     def add(self, case: str, impl: str, shape: dict, fn: Optional[Callable[[], object]], *, leaves: tuple = (),
             precision: Optional[str] = None, work: float = 0.0, unit: str = "TFLOP/s", roofline: float = 0.0,
@@ -294,27 +306,21 @@ class Results:
     def _keep(self, row: dict) -> dict:
         self.rows.append(row)
         print(" ".join(f"{k}={row[k]}" for k in PRINTED if row.get(k, "") != ""), flush=True)
+        self.flush()
         return row
 
     def flush(self) -> Path:
-        """Judge all rows so far and append the ones not yet written to ``<out>/<name>.csv``."""
+        """Judge this run's rows and rewrite the CSV: earlier runs' rows, then this run's (atomically replaced)."""
         judge(self.rows)
-        out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{self.name}.csv"
-        if path.exists() and path.stat().st_size:
-            with path.open(newline="") as f:
-                header = next(csv.reader(f), [])
-            if header != FIELDS:
-                raise SystemExit(f"{path}: its columns are not this harness's (an older run?): move it away")
-        new = not path.exists() or not path.stat().st_size
-        with path.open("a", newline="") as f:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows({k: row.get(k, "") for k in FIELDS} for row in self.rows[self.written:])
-        self.written = len(self.rows)
-        return path
+            writer.writeheader()
+            writer.writerows(self.earlier)
+            writer.writerows({k: row.get(k, "") for k in FIELDS} for row in self.rows)
+        os.replace(tmp, self.path)
+        return self.path
 
     def save(self) -> Path:
         path = self.flush()

@@ -212,7 +212,6 @@ def main() -> None:
         autocast_case(res, n, h, v, roofline)
         padded_case(res, n, h, v)
         logits_case(res, n, v, gbps)
-        res.flush()
     print(f"wrote {res.save()}")
 
 

@@ -161,7 +161,6 @@ def main() -> None:
         head_nograd(res, n, h, v, tflops)
         head_fwd_bwd(res, n, h, v, tflops)
         logits_case(res, n, v, gbps)
-        res.flush()
     print(f"wrote {res.save()}")
 
 

@@ -101,8 +101,13 @@ def test_each_call_starts_without_the_previous_gradients(tmp_path):
     assert row["note"] == "" and calls == [True] * 5 and x.grad is None
     assert res.add("case", "other", dict(N=4, H=3, V="", dtype="fp32"), lambda: 1 / 0)["note"].startswith(
         "ZeroDivisionError")
-    path = res.save()
-    assert [r["impl"] for r in csv.DictReader(path.open())] == ["impl", "other"]
+    assert [r["impl"] for r in csv.DictReader(res.path.open())] == ["impl", "other"]  # written row by row
+    again = _harness.Results("t", args)  # a second run keeps the first one's rows
+    again.add("case", "third", dict(N=4, H=3, V="", dtype="fp32"), None, note="absent here")
+    assert [r["impl"] for r in csv.DictReader(again.save().open())] == ["impl", "other", "third"]
+    (tmp_path / "old.csv").write_text("bench,case,impl\nx,y,z\n")
+    with pytest.raises(SystemExit, match="old.csv: its columns are not this harness's"):
+        _harness.Results("old", args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run for real")
