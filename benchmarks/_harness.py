@@ -351,7 +351,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 if pct != "":
                     ax.annotate(f"{pct:.0f}%", (n, ms), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="ms (p50)", title=case)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(cases):]:
         ax.set_visible(False)
     fig.suptitle(f"{title} — {rows[0]['gpu'] if rows else ''}", fontsize=9)
