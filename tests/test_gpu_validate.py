@@ -11,18 +11,37 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_validate.sh"
+# Installed here but not on the stock GPU image (or only passed as a wheel): hidden from every process of the run.
+ABSENT_ON_GPU_IMAGE = ("av", "rouge_score", "nltk", "deepspeed", "decord", "liger_kernel")
+HIDE = f"""from importlib.machinery import PathFinder
+
+_find = PathFinder.find_spec.__func__
 
 
-def run(*args, cwd=None):
+def _find_spec(cls, name, path=None, target=None):  # as if not installed: no spec, ModuleNotFoundError on import
+    return None if name.split(".")[0] in {ABSENT_ON_GPU_IMAGE!r} else _find(cls, name, path, target)
+
+
+PathFinder.find_spec = classmethod(_find_spec)
+"""
+
+
+def run(*args, cwd=None, hide: Path = None):
     env = dict(os.environ, PYTHON=sys.executable)
+    if hide is not None:  # a sitecustomize that hides ABSENT_ON_GPU_IMAGE from every python the script starts
+        hide.mkdir()
+        (hide / "sitecustomize.py").write_text(HIDE)
+        env["PYTHONPATH"] = str(hide)
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=600, cwd=cwd,
                           env=env)
 
 
 @pytest.mark.slow
 def test_cpu_smoke_writes_log_and_archive(tmp_path):
+    """Every stage's plumbing, with only the stock GPU image's packages importable (no av, rouge-score, nltk,
+    deepspeed, decord; liger absent too, as when no wheel is passed)."""
     out = tmp_path / "out"
-    proc = run("--cpu-smoke", "out", cwd=tmp_path)  # OUT_DIR relative to the caller's directory
+    proc = run("--cpu-smoke", "out", cwd=tmp_path, hide=tmp_path / "site")  # OUT_DIR relative to the caller's cwd
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_validate.log", "results.tar.gz"]
     log = (out / "gpu_validate.log").read_text()
@@ -43,6 +62,7 @@ def test_cpu_smoke_writes_log_and_archive(tmp_path):
     suite = junit if junit.tag == "testsuite" else junit.find("testsuite")
     assert int(suite.get("tests")) > 20 and int(suite.get("skipped")) == int(suite.get("tests"))  # no CUDA here
     assert "CPU smoke rows" in summary and "## SPEC targets" in summary
+    assert "liger not importable: ModuleNotFoundError" in summary  # the hiding worked; liger's rows say why
     for step in ("head: pytest -m gpu", "bench_logprobs.py", "bench_grpo_loss.py", "bench_step.py"):
         assert any(line.startswith(step) and " ok " in line for line in summary.splitlines()), step
 
