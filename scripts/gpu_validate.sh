@@ -14,7 +14,8 @@
 #
 # Knobs (environment): PYTHON (python3), VR1FAST_COMMIT (the commit when the tree is a copy without .git),
 # GV_HEAD_N (token counts of the head benchmarks, in priority order; default 8192,2048,16384),
-# GV_STEP_ARGS (bench_step.py's flags; default --layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1).
+# GV_STEP_ARGS (bench_step.py's flags; default --layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1
+# --max-seconds 200).
 set -uo pipefail
 
 usage() { echo "usage: scripts/gpu_validate.sh [--only head|step|engine|train|video] [--cpu-smoke] OUT_DIR" >&2; exit 2; }
@@ -139,7 +140,7 @@ stage_head() {  # ≤ 300 s: kernel tests ≤ 120, bench_logprobs ≤ 60, bench_
 
 stage_step() {  # ≤ 300 s: bench_step at reduced depth and forced tokens; it states its extrapolation to 28 layers
   # shellcheck disable=SC2086  # GV_STEP_ARGS is a list of flags
-  bench bench_step.py 290 ${GV_STEP_ARGS:---layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1}
+  bench bench_step.py 290 ${GV_STEP_ARGS:---layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1 --max-seconds 200}
 }
 
 later() {  # later STAGE ISSUE: a stage whose code does not exist yet
