@@ -175,3 +175,16 @@ def test_packed_equals_padded(head):
     assert (padded_h.grad[~keep] == 0).all()
     for got, want in ((packed_h.grad, padded_h.grad[keep]), (w_pack.grad, w_pad.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_reference_logprobs_of_the_policy_give_kl_exactly_zero(head):
+    """Training step 1 at Qwen's head shape: the reference's no-grad log-probs (``linear_logprobs``) equal the ones
+    inside the loss bit for bit on the GPU too (separately compiled kernels could contract ``a·b − c`` into an FMA
+    differently), so the first KL is exactly 0 as in Video-R1."""
+    hidden, weight, index, mask, adv, _, _ = grpo_batch(4, 500, QWEN_H, QWEN_V, seed=40)
+    h, w = hidden.bfloat16(), weight.bfloat16()
+    with torch.no_grad():
+        ref = logprobs_fn(head)(h, w, index)
+    _, metrics = loss_fn(head)(*leaves(torch.bfloat16, h, w), index, mask, adv, ref, **VIDEO_R1)
+    assert metrics["kl"].item() == 0.0

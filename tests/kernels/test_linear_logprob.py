@@ -160,15 +160,24 @@ def _loss_and_grads(fn, batch, dtype, **cfg):
     return loss.double(), {k: v.double() for k, v in metrics.items()}, h.grad.double(), w.grad.double()
 
 
+def _chunked_loss(*args, **cfg):
+    """The chunked head in chunks of 4 rows: every batch below crosses several chunks."""
+    from vr1fast.kernels import chunked
+
+    return chunked.linear_grpo_loss(*args, rows=4, **cfg)
+
+
 @pytest.mark.parametrize("with_old", [False, True])
 @pytest.mark.parametrize("with_ref", [False, True])
 @pytest.mark.parametrize("level", reference.IS_LEVELS)
 @pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
-def test_grpo_loss_matches_float64(loss_type, level, with_ref, with_old):
+@pytest.mark.parametrize("head", ["fused", "chunked"])
+def test_grpo_loss_matches_float64(head, loss_type, level, with_ref, with_old):
     batch = _grpo_batch(10, with_ref, with_old)
     cfg = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04 if with_ref else 0.0,
                epsilon_high=0.28, delta=1.25 if with_old else None, temperature=T_ODD, max_completion_length=9)
-    loss, metrics, dh, dw = _loss_and_grads(fused.linear_grpo_loss, batch, torch.float32, **cfg)
+    fn = fused.linear_grpo_loss if head == "fused" else _chunked_loss
+    loss, metrics, dh, dw = _loss_and_grads(fn, batch, torch.float32, **cfg)
     loss64, metrics64, dh64, dw64 = _loss_and_grads(reference.linear_grpo_loss, batch, torch.float64, **cfg)
     torch.testing.assert_close(loss, loss64, rtol=1e-5, atol=1e-7)
     assert metrics.keys() == metrics64.keys()
