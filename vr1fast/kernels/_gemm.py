@@ -27,6 +27,6 @@ def addmm_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """acc += a @ b for an fp32 ``acc`` and fp32 or 16-bit operands, accumulated in fp32; returns ``acc``."""
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
-    if a.is_cuda:
-        return acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
+    if a.is_cuda:  # C = C + A B in place (cuBLAS beta = 1): no second fp32 buffer of acc's size
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     return acc.addmm_(a.float(), b.float())
