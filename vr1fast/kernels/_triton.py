@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
@@ -40,6 +40,11 @@ def check_device(name: str, *tensors: torch.Tensor) -> None:
         raise RuntimeError(f"{name}: Triton needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The active autocast dtype on ``device``'s type, or None when autocast is off there."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors cast to the active autocast dtype of their device (``torch.get_autocast_dtype``), as cuBLAS
     calls under autocast would be; unchanged when autocast is off there or they are not floating point.
@@ -47,10 +52,9 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     A custom ``autograd.Function`` is outside autocast's reach (and ``custom_fwd(device_type="cuda")`` ignores CPU
     autocast), so without this fp32 master weights under bf16 autocast would run the head in fp32 (kernel-audit
     F1). The cast is differentiable: gradients come back in the tensors' own dtype."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 

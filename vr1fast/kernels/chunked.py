@@ -22,9 +22,10 @@ to W's dtype in its own storage (``_narrow_in_place``), so no second V×H buffer
 Sequence-level importance sampling (GSPO) needs a sequence's mean log-ratio before any of its tokens' gradients,
 so it runs as log-probs (``linear_logprobs`` below) + ``reference.grpo_loss_from_logprobs`` with autograd; that
 backward recomputes the logits chunk by chunk (8NHV), as does any backward through ``linear_logprobs``.
-fp16 inputs run every GEMM on fp32 operands (dz ~ g·p ~ 1e-10 underflows fp16). Under autocast the inputs are
-cast to its dtype first (``_triton.autocast_inputs``); gradients come back in the inputs' own dtypes, dW of fp32
-master weights straight from the fp32 accumulator.
+fp16 inputs run every GEMM on fp32 operands (dz ~ g·p ~ 1e-10 underflows fp16). Under autocast the head computes
+on copies of hidden and weight in its dtype, made inside the autograd Functions, so the gradients come back in the
+inputs' own dtypes without a 16-bit rounding: dX of fp32 hidden states from an fp32-output GEMM, dW of fp32 master
+weights straight from the fp32 accumulator.
 
 Shapes: hidden [..., H] (padded [B, T, H] or packed [N, H] with ``offsets``), weight [V, H], index [...] ints in
 [0, V) → fp32 log-probs [...]; GRPO: mask / ref / old like index, advantages [B] → (loss fp32 0-dim, metrics).
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from vr1fast.kernels import _gemm, grpo, logprob, reference
-from vr1fast.kernels._triton import Launch, autocast_inputs, check_device
+from vr1fast.kernels._triton import Launch, autocast_dtype, check_device
 from vr1fast.kernels.linear_logprob import _check
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 512 rows at V = 152064 (fp32 logits 0.31 GB + bf16 dz 0.16 GB)
@@ -179,10 +180,13 @@ class _TokenGrpo(torch.autograd.Function):
 
 
 def _flat(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float):
-    hidden, weight = autocast_inputs(hidden, weight)
-    _check(hidden, weight, index, temperature)
+    """(x [N, H], w [V, H] with unit last strides, the GEMM dtype): the active autocast dtype (the Functions cast
+    their inputs to it) or the inputs' own."""
+    cast = autocast_dtype(hidden.device)
+    _check(hidden, weight, index, temperature, cast=cast is not None)
     x = hidden.reshape(-1, hidden.shape[-1])
-    return (x if x.stride(-1) == 1 else x.contiguous()), (weight if weight.stride(-1) == 1 else weight.contiguous())
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return (x if x.stride(-1) == 1 else x.contiguous()), w, _gemm_dtype(cast or x.dtype)
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float = 1.0,
@@ -192,9 +196,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
     hidden [..., H], weight [V, H], index [...] → fp32 log-probs [...] (and entropy [...]); differentiable w.r.t.
     hidden and weight (the backward recomputes each chunk's logits). ``rows``: rows per chunk (``chunk_rows``).
     """
-    x, w = _flat(hidden, weight, index, temperature)
+    x, w, dtype = _flat(hidden, weight, index, temperature)
     logp, ent = _Logprob.apply(x, w, index.reshape(-1).long(), float(temperature), chunk_rows(w.shape[0], rows),
-                               return_entropy, _gemm_dtype(x.dtype))
+                               return_entropy, dtype)
     if not return_entropy:
         return logp.reshape(index.shape)
     return logp.reshape(index.shape), ent.reshape(index.shape)
@@ -217,13 +221,13 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Option
         offsets = reference.check_offsets(offsets, index.numel(), advantages.shape[0])
     if cfg["beta"] != 0 and ref_logprobs is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logprobs")
-    x, w = _flat(hidden, weight, index, cfg["temperature"])
+    x, w, dtype = _flat(hidden, weight, index, cfg["temperature"])
     check_device("linear_grpo_loss", *(t for t in (x, advantages, mask, ref_logprobs, old_logprobs) if t is not None))
     m, c, adv = reference.token_rows(mask, advantages, cfg, x.shape[0], offsets)
     flat = (lambda t: None if t is None else t.reshape(-1).float().contiguous())
     need_dx, need_dw = (torch.is_grad_enabled() and t.requires_grad for t in (x, w))
     loss, stats = _TokenGrpo.apply(x, w, index.reshape(-1).long().contiguous(), m, c, adv, flat(ref_logprobs),
-                                   flat(old_logprobs), cfg, chunk_rows(w.shape[0], rows), _gemm_dtype(x.dtype),
+                                   flat(old_logprobs), cfg, chunk_rows(w.shape[0], rows), dtype,
                                    need_dx, need_dw)
     metrics = dict(zip(grpo.STATS, stats / m.sum().clamp(min=1)))
     metrics["clip_region"] = metrics["clip_low"] + metrics["clip_high"]

@@ -232,12 +232,14 @@ def aot_variants(n: int = 8192, h: int = 3584, v: int = 152064) -> list[Launch]:
     return out
 
 
-def _check(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float) -> None:
+def _check(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float, cast: bool = False) -> None:
+    """Shapes, devices, dtypes and temperature; with ``cast`` (the head computes on copies in one dtype) hidden and
+    weight may differ in dtype."""
     check_device("linear_logprobs", hidden, weight, index)
     if hidden.shape[:-1] != index.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"linear_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and index "
                          f"{tuple(index.shape)} do not fit ([..., H], [V, H], [...])")
-    if hidden.dtype != weight.dtype or hidden.dtype not in DTYPES:
+    if (hidden.dtype != weight.dtype and not cast) or hidden.dtype not in DTYPES or weight.dtype not in DTYPES:
         raise ValueError(f"linear_logprobs: hidden dtype {hidden.dtype} and weight dtype {weight.dtype} must be "
                          f"the same, one of {DTYPES}")
     if not temperature > 0:
