@@ -162,6 +162,7 @@ class TrainConfig:
     # exists; true = on any device (CPU: bf16 autocast); false = fp32
     resume: str = "none"                  # none | auto | <checkpoint dir>
     save_every: int = 100
+    save_total_limit: int = 0             # keep the newest N complete checkpoints (0 = all); never the resumed one
     log_every: int = 1
 
 
@@ -402,6 +403,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
         (cfg.train.max_steps >= 0, "train.max_steps must be >= 0"),
         (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
+        (cfg.train.save_total_limit >= 0, "train.save_total_limit must be >= 0 (0 = keep all)"),
         (cfg.dist.zero_stage in (2, 3), "dist.zero_stage must be 2 or 3"),
         (cfg.reward.len_min <= cfg.reward.len_max, "reward.len_min must be <= reward.len_max"),
         (cfg.model.warmstart_steps >= 0, "model.warmstart_steps must be >= 0 (0 = off)"),

@@ -80,6 +80,7 @@ class Run:
     total_steps: int
     last_checkpoint: Optional[Path] = None
     keepalive: Any = None                            # HfDeepSpeedConfig under ZeRO-3 (HF generate reads it)
+    resumed_from: Optional[Path] = None              # never deleted by train.save_total_limit
 
 
 # ---------------------------------------------------------------- the step
@@ -249,23 +250,29 @@ def _step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: fl
 
 
 def save_checkpoint(run: Run, state: TrainState) -> Path:
+    root = ckpt.checkpoint_root(run.cfg.train.output_dir)
     run.last_checkpoint = ckpt.save(
-        ckpt.checkpoint_root(run.cfg.train.output_dir), state.step, run.policy, info=run.info,
-        processor=run.tokenizer, source_dir=run.cfg.model.path,
+        root, state.step, run.policy, info=run.info, processor=run.tokenizer, source_dir=run.cfg.model.path,
         state={"data": dataclasses.asdict(state.position)}, config_text=to_yaml(run.cfg))
+    ckpt.prune(root, run.cfg.train.save_total_limit, protect=run.resumed_from, info=run.info)
     return run.last_checkpoint
 
 
 def train(run: Run, state: TrainState) -> TrainState:
-    """Steps until ``run.total_steps``; checkpoints every ``train.save_every`` steps and at the end."""
+    """Steps until ``run.total_steps``; checkpoints every ``train.save_every`` steps and at the end. On SIGTERM
+    (any rank) it saves at the next step boundary and returns early (``state.step < run.total_steps``)."""
     cfg = run.cfg.train
-    while state.step < run.total_steps:
-        logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == run.total_steps
-        metrics = train_step(run, state, timed=logged)
-        if logged:
-            run.metrics.log(state.step, metrics)
-        if state.step % cfg.save_every == 0 or state.step == run.total_steps:
-            save_checkpoint(run, state)
+    with ckpt.StopSignal() as stop:
+        while state.step < run.total_steps:
+            logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == run.total_steps
+            metrics = train_step(run, state, timed=logged)
+            if logged:
+                run.metrics.log(state.step, metrics)
+            stopping = stop.requested()
+            if stopping or state.step % cfg.save_every == 0 or state.step == run.total_steps:
+                save_checkpoint(run, state)
+            if stopping:
+                break
     return state
 
 
@@ -360,7 +367,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     steps_per_epoch = math.ceil(len(records) / (cfg.train.prompts_per_rank * info.world_size
                                                 * cfg.train.grad_accum))
     total = cfg.train.max_steps or steps_per_epoch
-    resume = dist.broadcast_object(ckpt.resolve(cfg.train.resume, cfg.train.output_dir))
+    resume = ckpt.resolve(cfg.train.resume, cfg.train.output_dir, info)  # rank 0 verifies, all get its verdict
     bf16 = info.device.type == "cuda" if cfg.train.bf16 is None else cfg.train.bf16
     precision = precision_plan(info.strategy, bf16)
     ds_config = keepalive = None
@@ -399,7 +406,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     if info.is_main:
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
     run = Run(cfg, info, tokenizer, policy, ref, records, Sampler(len(records), cfg.train.seed, cfg.data.shuffle),
-              metrics, total, resume, keepalive)
+              metrics, total, resume, keepalive, resume)
     return run, state
 
 
@@ -440,6 +447,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             where = f" (rank {rank})" if world > 1 and not isinstance(e, ConfigError) else ""
             print(f"vr1fast.train: error{where}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    if state.step < run.total_steps:  # stopped by SIGTERM, after saving
+        if run.info.is_main:
+            print(f"vr1fast.train: SIGTERM: stopped after step {state.step}, checkpoint {run.last_checkpoint}; "
+                  f"continue with --train.resume=auto", file=sys.stderr, flush=True)
+        raise SystemExit(143)
     if run.info.is_main:
         print(f"done: {run.total_steps} steps in {time.perf_counter() - started:.0f} s; metrics "
               f"{run.metrics.jsonl_path}, plot {plot}, checkpoint {run.last_checkpoint}", flush=True)
