@@ -158,3 +158,23 @@ def test_sigterm_sets_the_stop_flag_instead_of_killing():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_deepspeed_files_are_screened_before_deepspeed_unpickles_them(tmp_path):
+    """DeepSpeed's own loader unpickles; the screen lets through only the types its ZeRO states hold."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    folder = tmp_path / "deepspeed" / "state"
+    folder.mkdir(parents=True)
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(2),
+                                         "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+                                         "base_optimizer_state": {"state": {0: {"exp_avg": torch.ones(4)}}}}},
+               folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    ckpt.screen_deepspeed(tmp_path / "deepspeed")
+    marker = tmp_path / "code_ran"
+    torch.save({"module": _Payload(marker)}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match="mp_rank_00_model_states.pt: refused to load: it names exec,"):
+        ckpt.screen_deepspeed(tmp_path / "deepspeed")
+    assert not marker.exists()

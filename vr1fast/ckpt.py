@@ -282,23 +282,37 @@ def save(root: Path, step: int, policy: dist.Wrapped, *, info: dist.DistInfo, pr
     return final
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors, containers, numbers, strings and :data:`_ALLOWED_GLOBALS` only.
-    A file naming any other global (which unpickling would call) is refused before anything runs."""
+def safe_load(path: Path, extra: tuple = (), mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers, numbers, strings, :data:`_ALLOWED_GLOBALS` and
+    ``extra`` only. A file naming any other global (which unpickling would call) is refused before anything runs."""
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([*_ALLOWED_GLOBALS, *extra]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         named = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(e))
         what = next(n for n in named.groups() if n) if named else "an object of an unknown type"
         raise ConfigError(f"{path}: refused to load: it names {what}, which is not on vr1fast's allow-list for "
                           f"training state (not a file vr1fast wrote; unpickling it could run code)") from None
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: not a readable torch file ({str(e).strip().splitlines()[0]})") from None
+
+
+def screen_deepspeed(folder: Path) -> None:
+    """DeepSpeed's loader unpickles its files (``weights_only=False``): each ``*.pt`` under ``folder`` is first
+    read with :func:`safe_load` (memory-mapped: the pickle only, no tensor data), allowing besides the defaults
+    only the DeepSpeed types its ZeRO-2/3 states hold, so a file naming anything else never reaches it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    for file in sorted(folder.rglob("*.pt")):
+        safe_load(file, extra=(LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address), mmap=True)
 
 
 def load(path: Path, policy: dist.Wrapped, *, info: dist.DistInfo) -> dict[str, Any]:
     """Restore optimizer, schedule (or the DeepSpeed engine) and this rank's RNG from ``path``; returns
     state.json. The weights were already loaded by building the policy from ``path / "model"``."""
     if policy.engine is not None:
+        screen_deepspeed(path / "deepspeed")
         policy.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
     else:
         trainer = safe_load(path / "trainer.pt")
