@@ -96,9 +96,9 @@ def test_grpo_in_place_equals_out_of_place():
 
 
 def test_more_than_2_31_elements_tail_rows():
-    """N·V > 2³¹ (one sequence of 14,200 rows at V = 152064): rows past element 2³¹ are read and written right.
+    """N·V > 2³¹ (one sequence of 14,400 rows at V = 152064): rows past element 2³¹ are read and written right.
     dr_grpo makes each row's gradient depend on its row alone, so the tail rows' reference is the tail alone."""
-    t, tail = 14_200, 256
+    t, tail = 14_400, 256
     assert t * QWEN_V > 2**31 and (t - tail) * QWEN_V > 2**31
     logits = randn(1, t, QWEN_V, seed=30, scale=2.0, dtype=torch.bfloat16)
     index = torch.randint(0, QWEN_V, (1, t), generator=gen(31), device="cuda")

@@ -26,8 +26,8 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
 
 
 aten = torch.ops.aten
-GEMMS = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out, aten.addmm_.default, aten.bmm.default,
-         aten.baddbmm.default}
+GEMMS = {aten.mm.default, aten.mm.out, aten.mm.dtype, aten.addmm.default, aten.addmm.out, aten.addmm.dtype_out,
+         aten.addmm_.default, aten.bmm.default, aten.baddbmm.default}
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -1,7 +1,8 @@
 """The chunked LM head (vr1fast/kernels/chunked.py: cuBLAS logits per chunk, Triton loss kernels, cuBLAS grads) under
 the Triton interpreter, against ``reference.py`` in float64; for bf16 also against torch's own bf16 error (house
-rule 3). Every loss type × level × ref × old runs for both heads in ``test_linear_logprob.py``. Chunks of a few rows make every test cross several chunks (the fp32 dW accumulator, its in-place narrowing,
-the per-chunk slices of the batch's aggregation weights). The packed layout is checked against the padded one."""
+rule 3). Every loss type × level × ref × old runs for both heads in ``test_linear_logprob.py``. Chunks of a few rows
+make every test cross several chunks (the fp32 dW accumulator, its in-place narrowing, the per-chunk slices of the
+batch's aggregation weights). The packed layout is checked against the padded one."""
 from __future__ import annotations
 
 import pytest
@@ -128,7 +129,8 @@ def test_fp32_masters_under_cpu_autocast():
     rounded = (hidden.bfloat16().float(), weight.bfloat16().float(), *batch[2:])
     exact = _loss_and_grads(reference.linear_grpo_loss, rounded, torch.float64)
     for ours, bf16_path, want64 in ((h.grad, hb.grad, exact[2]), (w.grad, wb.grad, exact[3])):
-        assert not torch.equal(ours, bf16_path.float())  # not rounded to bf16 on the way
+        assert not torch.equal(ours, bf16_path.float())  # not rounded to bf16 on the way ...
+        assert torch.equal(ours.bfloat16(), bf16_path)  # ... but the same fp32 sums the bf16 path rounds once
         assert _max_err([ours.double()], [want64])[0] < _max_err([bf16_path.double()], [want64])[0]
     fp32, _ = chunked.linear_grpo_loss(hidden, weight, idx, mask, adv, ref, rows=6)
     assert not torch.equal(fp32, loss)
@@ -189,11 +191,33 @@ def test_reference_logprobs_of_the_policy_give_kl_exactly_zero(impl):
                   else kernels.implementation(name, "triton", head=impl)) for name in ("linear_logprobs",
                                                                                         "linear_grpo_loss")}
     with torch.no_grad():
-        ref = fns["linear_logprobs"](h, w, idx)
-    _, metrics = fns["linear_grpo_loss"](h.requires_grad_(), w.requires_grad_(), idx, mask, adv, ref)
+        ref = fns["linear_logprobs"](h, w, idx, T_ODD)
+    _, metrics = fns["linear_grpo_loss"](h.requires_grad_(), w.requires_grad_(), idx, mask, adv, ref,
+                                         temperature=T_ODD)
     assert metrics["kl"].item() == 0.0
     ph, pidx, _, _, offsets = _packed((h.detach(), w, idx, mask, adv, None, None))
     with torch.no_grad():
-        pref = fns["linear_logprobs"](ph, w, pidx)
-    _, metrics = fns["linear_grpo_loss"](ph.requires_grad_(), w, pidx, None, adv, pref, offsets=offsets)
+        pref = fns["linear_logprobs"](ph, w, pidx, T_ODD)
+    _, metrics = fns["linear_grpo_loss"](ph.requires_grad_(), w, pidx, None, adv, pref, offsets=offsets,
+                                         temperature=T_ODD)
     assert metrics["kl"].item() == 0.0
+
+
+def test_loss_scale_applied_in_fp32_before_rounding():
+    """(loss / 3).backward() on bf16 inputs: the saved fp32 dX, dW are scaled by dLoss in fp32 and rounded once,
+    so the gradients equal the fp32 gradients / 3 rounded to bf16 (scaling bf16 gradients by bf16(1/3) = 0.33398
+    would bias every element by +0.2%). The fp32 gradients come from the autocast path, which accumulates the same
+    bf16 products in fp32."""
+    batch = _grpo_batch(23, with_ref=True, with_old=False)
+    hidden, weight, idx, mask, adv, ref, _ = batch
+    hb, wb = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    loss, _ = chunked.linear_grpo_loss(hb, wb, idx, mask, adv, ref, rows=6)
+    (loss / 3).backward()
+    h32, w32 = hidden.bfloat16().float().requires_grad_(), weight.bfloat16().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss32, _ = chunked.linear_grpo_loss(h32, w32, idx, mask, adv, ref, rows=6)
+    loss32.backward()
+    for got, full in ((hb.grad, h32.grad), (wb.grad, w32.grad)):
+        want = (full / 3).bfloat16()
+        assert abs(got.float().abs().sum() / want.float().abs().sum() - 1) < 2e-4
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)

@@ -68,6 +68,8 @@ def test_completion_rows_pack_the_real_tokens(model_tok, mixed):
                                atol=2e-5, rtol=0)
     x = torch.arange(12.0).reshape(3, 4)
     assert pack(x, offsets_of([2, 0, 3])).tolist() == [0.0, 1.0, 8.0, 9.0, 10.0]
+    with pytest.raises(ValueError, match="do not fit"):
+        completion_rows(model, mixed, ids, [L + 1] + lengths.tolist()[1:], num_samples=G)
 
 
 def test_prompts_are_left_padded(mixed):

@@ -12,12 +12,13 @@ rate; Liger's chunked loss and FLCE compute the gradient in the forward instead)
      the token's loss and c_t·dL/dℓ (the aggregation weights c_t of the whole batch, so chunks are independent);
   3. the log-prob backward kernel (``logprob``) writes dz = c_t·dL/dℓ·(1[v=y] − p)/T into a dense [C, V] buffer
      in the compute dtype (rows with no gradient — padding — write zeros without reading);
-  4. cuBLAS dX_c = dz W (complete for these rows: one GEMM, fp32 accumulation, rounded once) and dW += dzᵀ X_c
-     into an fp32 accumulator (``_gemm.addmm_``; with one chunk, a single GEMM into W's dtype).
-The backward of the loss only scales the saved dX, dW by dLoss (Liger's scheme): 6NHV in all, every FLOP on
-cuBLAS, plus three memory-bound passes over each logits chunk. Memory: inputs + dX + the fp32 dW accumulator
-+ one chunk (C·V·(4 + 2) bytes; C = ``CHUNK_ELEMENTS // V`` rows, 512 at Qwen's V); the accumulator is narrowed
-to W's dtype in its own storage (``_narrow_in_place``), so no second V×H buffer is allocated at the end.
+  4. cuBLAS dX_c = dz W (complete for these rows: one GEMM with fp32 output into an fp32 dX) and dW += dzᵀ X_c
+     into an fp32 accumulator (``_gemm.addmm_``; the first chunk's product starts it).
+The backward of the loss only scales the saved fp32 dX, dW by dLoss (Liger's scheme) and rounds each once to the
+inputs' dtypes: 6NHV in all, every FLOP on cuBLAS, plus three memory-bound passes over each logits chunk. Memory:
+inputs + fp32 dX + the fp32 dW accumulator + one chunk (C·V·(4 + 2) bytes; C = ``chunk_rows``, 512 at Qwen's V);
+the accumulator is narrowed to W's dtype in its own storage (``_narrow_in_place``), so no second V×H buffer is
+allocated (the narrowed gradient keeps the fp32-sized storage until it is freed).
 
 Sequence-level importance sampling (GSPO) needs a sequence's mean log-ratio before any of its tokens' gradients,
 so it runs as log-probs (``linear_logprobs`` below) + ``reference.grpo_loss_from_logprobs`` with autograd; that
@@ -41,7 +42,11 @@ from vr1fast.kernels import _gemm, grpo, logprob, reference
 from vr1fast.kernels._triton import Launch, autocast_dtype, check_device
 from vr1fast.kernels.linear_logprob import _check
 
-CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 512 rows at V = 152064 (fp32 logits 0.31 GB + bf16 dz 0.16 GB)
+# Logits per chunk: 551 → 512 rows at V = 152064 (fp32 logits 0.31 GB + bf16 dz 0.16 GB; peak ≈ 1.16 × the bar
+# at N = 8192). Each chunk's dW update reads and writes the fp32 accumulator (8·V·H bytes for 2·C·V·H FLOPs:
+# 128 FLOP/B at C = 512, under an H100/H200's ~170 ridge), so larger chunks trade memory for speed; benchmarks/
+# decides.
+CHUNK_ELEMENTS = 5 << 24
 
 
 def chunk_rows(v: int, rows: Optional[int] = None) -> int:
@@ -61,12 +66,16 @@ def _logits(x_c: Tensor, w: Tensor) -> Tensor:
     return _gemm.mm(x_c, w.t(), torch.float32)
 
 
-def _grads(dz: Tensor, x_c: Tensor, w: Tensor, dx: Optional[Tensor], rows: slice, dw: Optional[Tensor]) -> None:
-    """dX[rows] = dz W (complete for these rows); dW += dzᵀ X_c (fp32 accumulator)."""
+def _grads(dz: Tensor, x_c: Tensor, w: Tensor, dx: Optional[Tensor], rows: slice, dw: Optional[Tensor],
+           need_dw: bool) -> Optional[Tensor]:
+    """dX[rows] = dz W into the fp32 ``dx`` (complete for these rows: fp32 output, never a 16-bit GEMM output,
+    which cuBLAS may reduce in 16 bits); returns dW + dzᵀ X_c in fp32 (the first chunk's product when ``dw`` is
+    None: no zero-filled accumulator)."""
     if dx is not None:
-        dx[rows] = _gemm.mm(dz, w, torch.float32 if dx.dtype == torch.float32 else dz.dtype)
-    if dw is not None:
-        _gemm.addmm_(dw, dz.t(), x_c)
+        dx[rows] = _gemm.mm(dz, w, torch.float32)
+    if not need_dw:
+        return None
+    return _gemm.mm(dz.t(), x_c, torch.float32) if dw is None else _gemm.addmm_(dw, dz.t(), x_c)
 
 
 def _narrow_in_place(acc: Tensor, dtype: torch.dtype) -> Tensor:
@@ -94,10 +103,14 @@ def _autocast_off(fn):
     return run
 
 
-def _new_grads(x: Tensor, w: Tensor, need_dx: bool, need_dw: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None
-    dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_dw else None
-    return dx, dw
+def _new_dx(x: Tensor, need_dx: bool) -> Optional[Tensor]:
+    """The fp32 dX buffer [N, H] (cast to x's dtype once, at the end)."""
+    return torch.empty(x.shape, device=x.device, dtype=torch.float32) if need_dx else None
+
+
+def _finish(dx: Optional[Tensor], dw: Optional[Tensor], x_dtype: torch.dtype, w_dtype: torch.dtype):
+    """fp32 dX, dW → the inputs' dtypes, each rounded once (dW inside its own storage)."""
+    return (None if dx is None else dx.to(x_dtype)), (None if dw is None else _narrow_in_place(dw, w_dtype))
 
 
 class _Logprob(torch.autograd.Function):
@@ -132,7 +145,7 @@ class _Logprob(torch.autograd.Function):
         xc, wc, n = x.to(ctx.dtype), w.to(ctx.dtype), x.shape[0]
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None or ent.numel() == 0 else g_ent.float().contiguous()
-        dx, dw = _new_grads(x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx, dw = _new_dx(x, ctx.needs_input_grad[0]), None
         for r0 in range(0, n, ctx.rows):
             r = slice(r0, min(r0 + ctx.rows, n))
             logits = _logits(xc[r], wc)
@@ -140,19 +153,21 @@ class _Logprob(torch.autograd.Function):
             logprob.backward_launch(dz, logits, idx[r], lse[r], g_logp[r], ctx.temperature,
                                     None if g_ent is None else ent[r], None if g_ent is None else g_ent[r])()
             del logits
-            _grads(dz, xc[r], wc, dx, r, dw)
-        return dx, None if dw is None else _narrow_in_place(dw, w.dtype), None, None, None, None, None
+            dw = _grads(dz, xc[r], wc, dx, r, dw, ctx.needs_input_grad[1])
+        return (*_finish(dx, dw, x.dtype, w.dtype), None, None, None, None, None)
 
 
 class _TokenGrpo(torch.autograd.Function):
     """Token-level GRPO through the head, gradients computed in the forward: (x [N, H], w [V, H], idx [N], per-token
-    m, c_t, advantage, ref, old [N]) → (loss, stats [4] = Σ kl·m, w·m, clip_low, clip_high)."""
+    m, c_t, advantage, ref, old [N]) → (loss, stats [4] = Σ kl·m, w·m, clip_low, clip_high). The fp32 dX, dW are
+    saved and scaled by dLoss in place in the backward, so one backward per forward (``retain_graph`` and double
+    backward raise)."""
 
     @staticmethod
     @_autocast_off
     def forward(ctx, x, w, idx, m, c, adv, ref, old, cfg, rows, dtype, need_dx, need_dw):
         xc, wc, n = x.to(dtype), w.to(dtype), x.shape[0]
-        dx, dw = _new_grads(x, w, need_dx, need_dw)
+        dx, dw = _new_dx(x, need_dx), None
         loss, stats = torch.zeros((), device=x.device), torch.zeros(4, device=x.device)
         for r0 in range(0, n, rows):
             r = slice(r0, min(r0 + rows, n))
@@ -167,16 +182,18 @@ class _TokenGrpo(torch.autograd.Function):
                 dz = torch.empty(logits.shape, device=x.device, dtype=dtype)
                 logprob.backward_launch(dz, logits, idx[r], fwd.args["lse"], fwd.args["dlogp"], cfg["temperature"])()
                 del logits
-                _grads(dz, xc[r], wc, dx, r, dw)
-        ctx.save_for_backward(dx, None if dw is None else _narrow_in_place(dw, w.dtype))
+                dw = _grads(dz, xc[r], wc, dx, r, dw, need_dw)
+        ctx.save_for_backward(dx, dw)
+        ctx.dtypes = x.dtype, w.dtype
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dloss, _dstats):
-        dx, dw = ctx.saved_tensors  # scaled in place: a second V×H buffer would break the memory bound
-        scale = (lambda g: None if g is None else g.mul_(dloss.to(g.dtype)))
-        return scale(dx), scale(dw), *([None] * 11)
+        dx, dw = ctx.saved_tensors  # fp32, scaled in place (a second V×H buffer would break the memory bound)
+        dx, dw = (None if g is None else g.mul_(dloss.float()) for g in (dx, dw))
+        return (*_finish(dx, dw, *ctx.dtypes), *([None] * 11))
 
 
 def _flat(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float):

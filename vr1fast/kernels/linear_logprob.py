@@ -246,7 +246,8 @@ def _check(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float, ca
         raise ValueError(f"linear_logprobs: temperature must be > 0, got {temperature}")
     if index.dtype.is_floating_point:
         raise ValueError(f"linear_logprobs: index dtype {index.dtype} is not an integer type")
-    # A device-side check would cost a host sync on GPU; there an out-of-range id yields a NaN log-prob instead.
+    # A device-side check would cost a host sync on GPU, so there ids are not checked: the fused head gives a NaN
+    # log-prob for an out-of-range id, the chunked head and the logits kernels read outside the row (garbage).
     if not index.is_cuda and index.numel() and (index.min() < 0 or index.max() >= weight.shape[0]):
         raise ValueError(f"linear_logprobs: index values must lie in [0, {weight.shape[0]}), got "
                          f"[{int(index.min())}, {int(index.max())}]")
@@ -295,7 +296,8 @@ def _backward(x: Tensor, w: Tensor, idx: Tensor, lse: Tensor, mean_s: Tensor, g_
     Each chunk's dz is a dense [N, v_len] view of one flat buffer (never a column slice of a wider one: a BLAS
     may read the gap, and the last chunk is narrower). dX is accumulated across chunks in fp32 by the GEMM itself
     (``_gemm.addmm_``), not rounded to the input dtype per chunk. fp16 inputs keep dz in fp32 (g·p of the
-    non-target columns, ~1e-10, underflows fp16) and run the two GEMMs on fp32 operands."""
+    non-target columns, ~1e-10, underflows fp16) and run the two GEMMs on fp32 operands (dz and the chunk's W
+    rows in fp32: about twice the DZ_FRACTION bound)."""
     (n, h), v = x.shape, w.shape[0]
     if n == 0:
         return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(w) if need_dw else None)
@@ -318,8 +320,10 @@ def _backward(x: Tensor, w: Tensor, idx: Tensor, lse: Tensor, mean_s: Tensor, g_
         if need_dx:
             _gemm.addmm_(dx, dz, w_c)
         if need_dw:
-            dw[v_lo:v_lo + v_len] = _gemm.mm(dz.t(), xg, torch.float32) if dz_dtype != x.dtype \
-                else torch.mm(dz.t(), x)
+            if dz_dtype != x.dtype:
+                dw[v_lo:v_lo + v_len] = torch.mm(dz.t(), xg)
+            else:
+                torch.mm(dz.t(), x, out=dw[v_lo:v_lo + v_len])  # a contiguous row block: no temporary
     del dz_flat, dz
     return (dx.to(x.dtype) if need_dx else None), dw
 

@@ -143,6 +143,10 @@ def completion_rows(model, inputs: Mapping[str, Tensor], completion_ids: Tensor,
     (the completion mask), with their offsets. ``lengths`` on the host (a list, or a CPU tensor: a CUDA one costs
     a sync)."""
     offsets = offsets_of(lengths)
+    n = offsets[1:] - offsets[:-1]
+    if n.numel() != completion_ids.shape[0] or (n < 0).any() or (n > completion_ids.shape[1]).any():
+        raise ValueError(f"completion lengths {n.tolist()} do not fit completion_ids {tuple(completion_ids.shape)} "
+                         f"(one per row, 0 ≤ length ≤ its width)")
     steps = torch.arange(completion_ids.shape[1], device=completion_ids.device)
     mask = (steps[None, :] < to_device(offsets[1:] - offsets[:-1], completion_ids.device)[:, None]).long()
     hidden, weight = completion_hidden(model, inputs, completion_ids, mask, num_samples=num_samples)
