@@ -35,7 +35,9 @@ def run_dir(two_checkpoints, tmp_path) -> Path:
 
 
 def _truncate(file: Path) -> None:
-    file.write_bytes(file.read_bytes()[:100])
+    """To 100 bytes (a full disk, a partial copy), or half a file shorter than that."""
+    data = file.read_bytes()
+    file.write_bytes(data[:min(100, len(data) // 2)])
 
 
 def _delete(file: Path) -> None:
@@ -48,7 +50,7 @@ def _flip_one_bit(file: Path) -> None:
     file.write_bytes(bytes(data))
 
 
-DAMAGE = {"truncate": (_truncate, "has 100 bytes"), "delete": (_delete, "is missing"),
+DAMAGE = {"truncate": (_truncate, "bytes, the manifest"), "delete": (_delete, "is missing"),
           "bit-flip": (_flip_one_bit, "does not match its SHA-256")}
 
 
@@ -62,7 +64,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(run_dir):
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-@pytest.mark.parametrize("name", ["model/model.safetensors", "trainer.pt"])
+@pytest.mark.parametrize("name", ["model/model.safetensors", "trainer.pt", "state.json"])
 def test_damaged_newest_checkpoint_is_named_and_skipped(run_dir, capsys, damage, name):
     root = ckpt.checkpoint_root(run_dir)
     newest, previous = root / "step_000004", root / "step_000002"

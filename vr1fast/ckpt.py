@@ -65,7 +65,8 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file() and (path / "state.json").is_file()
+    """Has the marker written last (whether its files are intact is :func:`verify`'s question)."""
+    return (path / COMPLETE).is_file()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -179,8 +180,9 @@ def verify(path: Path) -> Optional[str]:
         file = path / name
         if not file.is_file():
             return f"checkpoint {path} is damaged: {name} is missing"
-        if file.stat().st_size != want["size"]:
-            return f"checkpoint {path} is damaged: {name} has {file.stat().st_size} bytes, the manifest {want['size']}"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"checkpoint {path} is damaged: {name} has {size} bytes, the manifest lists {want['size']}"
     names = list(files)
     for name, digest in zip(names, _hash_all([path / n for n in names])):
         if digest != files[name]["sha256"]:
