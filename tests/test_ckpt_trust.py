@@ -180,3 +180,18 @@ def test_deepspeed_files_are_screened_before_deepspeed_unpickles_them(tmp_path):
     with pytest.raises(ConfigError, match="mp_rank_00_model_states.pt: refused to load: it names exec,"):
         ckpt.screen_deepspeed(tmp_path / "deepspeed")
     assert not marker.exists()
+
+
+def test_training_cli_names_the_damaged_checkpoint_in_one_line(run_dir, tmp_path, capsys):
+    from vr1fast.data.synthetic import generate_synthetic
+    from vr1fast.train import main
+    generate_synthetic(tmp_path / "synthetic", n=8, seed=0)
+    newest = ckpt.checkpoint_root(run_dir) / "step_000004"
+    _truncate(newest / "model" / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        main([f"--data.synthetic_dir={tmp_path / 'synthetic'}", "--data.synthetic_size=8",
+              f"--train.output_dir={run_dir}", f"--train.resume={newest}", "--model.warmstart_steps=0"])
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"vr1fast.train: error: train.resume: checkpoint {newest} is damaged: model/model.safetensors "
+                   f"has 100 bytes, the manifest lists {ckpt.read_manifest(newest)['model/model.safetensors']['size']}"]

@@ -18,7 +18,7 @@ damaged; ``--train.resume=PATH`` stops at a damaged one. A checkpoint from befor
 only the step) loads with a warning. The manifest detects damage, not tampering: whoever can edit a file can edit
 the manifest. ``trainer.pt`` and the RNG files are read with ``torch.load(weights_only=True)`` and an explicit
 allow-list (numpy's RNG state), so a crafted file is refused without running its code; DeepSpeed's files are
-read by DeepSpeed's own loader, which unpickles them. The policy is rebuilt from ``model/`` (safetensors) with
+unpickled by DeepSpeed's own loader, after :func:`screen_deepspeed` has read each the safe way. The policy is rebuilt from ``model/`` (safetensors) with
 ``from_pretrained`` (saved in full precision, so the weights come back bit-exact), then the optimizer, schedule,
 RNG and data position are restored. Multi-node runs need a shared filesystem for ``output_dir`` (each rank writes
 its RNG file, DeepSpeed its partitions).
