@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """The synthetic set (8 records, seed 0) the training-loop tests share."""
+    from vr1fast.data.synthetic import generate_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(out, n=8, seed=0)
+    return out

@@ -10,32 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from runs import comparable, small
 from vr1fast import ckpt
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # every arm alike: thread count changes float summation order
-TIMING = ("time/", "tokens_per_s")
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(out, n=8, seed=0)
-    return out
 
 
 def _argv(synthetic: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", f"--train.output_dir={out}",
-            "--train.prompts_per_rank=1", "--rollout.num_generations=2", "--rollout.num_shuffled=2",
-            "--rollout.max_new_tokens=6", "--metrics.progress_bar=false", "--metrics.tensorboard=false",
-            "--metrics.plot=false", "--optim.lr=1e-3", "--optim.weight_decay=0.5", "--optim.warmup_steps=0",
-            "--model.warmstart_steps=0", *extra]
-
-
-def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+    return small(synthetic, out, "--rollout.max_new_tokens=6", "--metrics.tensorboard=false", "--metrics.plot=false",
+                 "--optim.warmup_steps=0", *extra)
 
 
 def _start(command: list[str]) -> subprocess.Popen:
@@ -83,7 +68,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes_to_the_same_metrics(synt
 
     result = _run([*TRAIN, *argv, "--train.resume=auto"])
     assert f"steps {step + 1}..5" in result.stdout
-    assert _comparable(read_jsonl(tmp_path / "stopped" / "metrics.jsonl")) == _comparable(straight)
+    assert comparable(read_jsonl(tmp_path / "stopped" / "metrics.jsonl")) == comparable(straight)
     assert any(r["kl"] > 0 for r in straight[step:])  # the weights really moved
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "stopped" / "checkpoints")] == [
         saved.name, "step_000005"]  # save_total_limit=1, plus the one resumed from
@@ -106,5 +91,5 @@ def test_two_process_run_killed_resumes_to_the_same_metrics(strategy, synthetic,
     first = ckpt.checkpoint_root(tmp_path / "run") / "step_000001"
     result = _run([*TORCHRUN, *argv, f"--train.resume={first}"])
     assert "steps 2..4" in result.stdout
-    assert _comparable(read_jsonl(jsonl)[:3]) == _comparable(before)
+    assert comparable(read_jsonl(jsonl)[:3]) == comparable(before)
     assert before[2]["kl"] > 0

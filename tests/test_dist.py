@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.metrics import read_jsonl
 from vr1fast.model.load import save_tiny
 
@@ -36,13 +35,6 @@ STRATEGIES = {
 }
 # A real user's path: the policy and the reference loaded from a checkpoint folder, partitioned at load (zero.Init).
 STRATEGIES["zero3_folder"] = STRATEGIES["zero3"]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(out, n=8, seed=0)
-    return out
 
 
 def _hf_digest(model_dir: Path) -> str:

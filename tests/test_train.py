@@ -17,35 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from runs import comparable, small
 from vr1fast import ckpt
 from vr1fast.config import OptimConfig, parse_args
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.metrics import read_jsonl
 from vr1fast.train import NonFiniteLossError, build, close, lr_factor, main, train
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("time/", "tokens_per_s")
 VIDEO_R1_NAMES = ("completion_length", "rewards/accuracy_reward", "rewards/format_reward", "reward", "reward_std",
                   "kl", "all_wrong", "all_correct", "temporal_rewards", "loss", "grad_norm", "learning_rate")
 STAGES = ("data", "processor", "rollout", "reward", "ref", "policy_fwd_bwd", "optimizer")
-
-
-@pytest.fixture(scope="session")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(out, n=8, seed=0)
-    return out
-
-
-def small(synthetic: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", f"--train.output_dir={out}",
-            "--train.prompts_per_rank=1", "--rollout.num_generations=2", "--rollout.num_shuffled=2",
-            "--rollout.max_new_tokens=8", "--metrics.progress_bar=false", "--optim.lr=1e-3",
-            "--optim.weight_decay=0.5", "--model.warmstart_steps=0", *extra]
-
-
-def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
 def test_demo_writes_metrics_plot_and_checkpoint(synthetic, tmp_path):
@@ -139,7 +120,7 @@ def test_killed_run_resumes_to_the_same_metrics(synthetic, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"steps {ckpt.read_state(resumed_from)['step'] + 1}..8" in result.stdout
     resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
-    assert _comparable(resumed) == _comparable(straight)
+    assert comparable(resumed) == comparable(straight)
     assert any(r["kl"] > 0 for r in straight[ckpt.read_state(resumed_from)["step"]:])  # weights really moved
 
 
