@@ -12,7 +12,8 @@ from typing import Mapping, Optional, Sequence, Union
 from torch import Tensor
 
 from vr1fast.config import RolloutConfig
-from vr1fast.rollout.hf import Completions, completion_lengths, hf_generate, seeded
+from vr1fast.rollout.completions import Completions, completion_lengths, seeded
+from vr1fast.rollout.hf import hf_generate
 
 ENGINES = ("hf",)
 

@@ -20,69 +20,13 @@ Deviations from Video-R1, both only where its behaviour is an accident:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-
-class Completions(NamedTuple):
-    """Sampled completions, prompt-major: row b·S + s is sample s of prompt b (as ``num_return_sequences``)."""
-
-    ids: Tensor        # int64 [B·S, L]; L = the longest completion; pad id after the first stop token
-    lengths: Tensor    # int64 [B·S]: tokens up to and including the first stop token (L when there is none)
-
-    @property
-    def mask(self) -> Tensor:
-        """int64 [B·S, L]: 1 up to and including the first stop token."""
-        return _within(self.lengths, self.ids.shape[1]).long()
-
-
-def _within(lengths: Tensor, width: int) -> Tensor:
-    """bool [N, width]: True at positions < lengths[n]."""
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-
-
-@contextmanager
-def seeded(seed: Optional[int], like: Tensor) -> Iterator[None]:
-    """Seed a forked RNG (CPU, and ``like``'s GPU when it is on CUDA) for the block; no-op when seed is None."""
-    with torch.random.fork_rng(devices=[like.device] if like.is_cuda else [], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
-
-
-def _as_list(value: Union[int, Sequence[int], None]) -> list[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
-
-
-def stop_token_ids(model, eos_token_id: Union[int, Sequence[int], None] = None) -> list[int]:
-    """The ids that end a completion: ``eos_token_id``, else the model's generation config, else its text config."""
-    stops = _as_list(eos_token_id) or _as_list(getattr(model.generation_config, "eos_token_id", None))
-    stops = stops or _as_list(model.config.get_text_config().eos_token_id)
-    if not stops:
-        raise ValueError("no EOS token id: pass eos_token_id or set model.generation_config.eos_token_id")
-    return stops
-
-
-def pad_token_id(model) -> int:
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    pad = pad if pad is not None else model.config.get_text_config().pad_token_id
-    if pad is None:
-        raise ValueError("model has no pad_token_id in its generation or text config")
-    return int(_as_list(pad)[0])
-
-
-def completion_lengths(ids: Tensor, stops: Sequence[int]) -> Tensor:
-    """int64 [N]: index of the first stop token + 1 per row, or L when a row has none."""
-    is_stop = torch.isin(ids, torch.tensor(list(stops), device=ids.device))
-    first = is_stop.int().argmax(dim=1)
-    full = torch.full_like(first, ids.shape[1])
-    return torch.where(is_stop.any(dim=1), first + 1, full).long()
+from vr1fast.rollout.completions import (Completions, completion_lengths, pad_token_id, seeded, stop_token_ids,
+                                         within)
 
 
 def generation_config(*, num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
@@ -121,5 +65,5 @@ def hf_generate(model, inputs: Mapping[str, Tensor], *, num_samples: int, max_ne
         model.train(was_training)
     ids = out[:, prompt_len:].repeat_interleave(num_samples // per_call, dim=0)
     lengths = completion_lengths(ids, stops)
-    ids = ids.masked_fill(~_within(lengths, ids.shape[1]), pad)
+    ids = ids.masked_fill(~within(lengths, ids.shape[1]), pad)
     return Completions(ids, lengths)
