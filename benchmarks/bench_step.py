@@ -53,18 +53,13 @@ import torch
 
 from _harness import ROOT, Results, _sig, percentiles
 from vr1fast.data.dataset import Position
+from vr1fast.model.qwen import TEXT_7B, VISION_7B
 
 STAGES = ("data", "processor", "rollout", "reward", "ref", "policy_fwd_bwd", "optimizer")
 IMPLS = ("videor1", "vr1fast")
 DEPTH_STAGES = ("rollout", "ref", "policy_fwd_bwd", "optimizer")
 FULL_LAYERS, FULL_TOKENS, TARGET = 28, 768, 10.0
 SOURCE_HW = (360, 640)  # the source video's size before smart_resize
-TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-               vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                 patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                 fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, in_channels=3)
 QUESTIONS = (
     dict(problem="In which direction does the red square move?", problem_type="multiple choice",
          options=["A. left", "B. right", "C. up", "D. down"], solution="<answer>B</answer>"),

@@ -19,7 +19,6 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-IMAGE_FACTOR = 28  # patch 14 x merge 2: every resized side is a multiple of this
 
 
 class ConfigError(ValueError):

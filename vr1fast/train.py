@@ -413,7 +413,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
 def _hidden_size(cfg: Config) -> int:
     """The text hidden size, for DeepSpeed's "auto" bucket sizes (read from config.json, no weights loaded)."""
     if cfg.model.path is None:
-        from vr1fast.model.load import TINY_TEXT
+        from vr1fast.model.qwen import TINY_TEXT
         return TINY_TEXT["hidden_size"]
     return checkpoint_config(cfg.model.path).text_config.hidden_size
 

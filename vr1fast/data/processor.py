@@ -24,15 +24,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-PATCH_SIZE = 14
-TEMPORAL_PATCH_SIZE = 2
-MERGE_SIZE = 2
-PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
-VIDEO_PAD, IMAGE_PAD = "<|video_pad|>", "<|image_pad|>"
+from vr1fast.model.qwen import (CLIP_MEAN, CLIP_STD, IMAGE, IMAGE_PAD, MERGE_SIZE, PATCH_DIM, PATCH_SIZE,
+                                TEMPORAL_PATCH_SIZE, TEXT, VIDEO, VIDEO_PAD)
 
 
 def _check_frames(frames: torch.Tensor, name: str) -> None:

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vr1fast.config import IMAGE_FACTOR, VideoConfig
+from vr1fast.config import VideoConfig
 from vr1fast.data.decode import decode_frames
 from vr1fast.data.errors import MediaError
+from vr1fast.model.qwen import IMAGE_FACTOR
 
 PathLike = Union[str, Path]
 _DEFAULTS = VideoConfig()

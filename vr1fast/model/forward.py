@@ -33,7 +33,7 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from vr1fast.data.processor import IMAGE, VIDEO
+from vr1fast.model.qwen import IMAGE, VIDEO
 from vr1fast.kernels.reference import packed_positions, selective_log_softmax, to_device
 
 

@@ -35,15 +35,10 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VL
 from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
 from vr1fast.config import ConfigError, ModelConfig
+from vr1fast.model.qwen import TINY_TEXT, TINY_VISION
 from vr1fast.model.rope import RopePositions, use_rope_positions
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
 
-TINY_TEXT = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                   temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
-                   tokens_per_second=2, in_channels=3)
 
 DtypeLike = Union[str, torch.dtype]
 

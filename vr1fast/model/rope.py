@@ -42,7 +42,7 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from vr1fast.data.processor import IMAGE, TEXT, VIDEO
+from vr1fast.model.qwen import IMAGE, TEXT, VIDEO
 
 RopePositions = Literal["videor1", "transformers"]
 
