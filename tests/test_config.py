@@ -27,7 +27,7 @@ def test_videor1_preset_has_the_video_r1_constants():
     assert (cfg.rollout.max_new_tokens, cfg.rollout.max_prompt_length) == (768, 16384)
     assert (cfg.optim.lr, cfg.optim.scheduler, cfg.optim.weight_decay) == (1e-6, "cosine", 0.01)
     assert (cfg.optim.max_grad_norm, cfg.optim.warmup_steps) == (5.0, 0)
-    assert (cfg.loss.beta, cfg.loss.kl_clamp, cfg.loss.loss_type, cfg.loss.num_iterations) == (0.04, 10.0, "grpo", 1)
+    assert (cfg.loss.beta, cfg.loss.kl_clamp, cfg.loss.loss_type) == (0.04, 10.0, "grpo")
     assert (cfg.reward.temporal_mu, cfg.reward.temporal_alpha, cfg.reward.correct_threshold) == (0.8, 0.3, 0.1)
     assert (cfg.reward.len_min, cfg.reward.len_max, cfg.reward.len_bonus) == (320, 512, 0.2)
     assert (cfg.video.max_frames, cfg.video.min_frames, cfg.video.fps) == (16, 4, 2.0)
@@ -106,5 +106,20 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_shuffled_count_defaults_to_half_the_group_and_one_update_per_rollout():
     assert parse_args(["--preset=videor1", "--rollout.num_generations=16"]).rollout.shuffled_samples() == 8
     assert parse_args(["--rollout.num_shuffled=0"]).rollout.shuffled_samples() == 0
-    with pytest.raises(ConfigError, match="num_iterations"):
-        parse_args(["--loss.num_iterations=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'loss.num_iterations'"):
+        parse_args(["--loss.num_iterations=2"])  # one update per rollout (Video-R1's) is all there is: no knob
+
+
+def test_config_holds_only_what_works():
+    """The engines the config accepts are exactly those ``rollout.generate`` runs, and LossConfig's defaults are the
+    kernels' (``kernels.reference.DEFAULTS``), so a default run and a direct kernel call compute the same loss."""
+    import typing
+
+    from vr1fast.config import LossConfig, RolloutConfig
+    from vr1fast.kernels.reference import DEFAULTS
+    from vr1fast.rollout import ENGINES
+
+    assert typing.get_args(typing.get_type_hints(RolloutConfig)["engine"]) == ENGINES
+    assert {k: DEFAULTS[k] for k in LossConfig().kernel_kwargs()} == LossConfig().kernel_kwargs()
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        parse_args(["--rollout.engine=fast"])

@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf", "fast"] = "hf"  # hf = HF generate as Video-R1 calls it (the baseline)
+    engine: Literal["hf"] = "hf"          # hf = HF generate as Video-R1 calls it (the baseline); = rollout.ENGINES
     num_generations: int = 8              # G ordered completions per prompt
     num_shuffled: Optional[int] = None    # completions on the shuffled video; None = G // 2 (Video-R1); 0 disables
     temperature: float = 1.0
@@ -125,7 +125,6 @@ class LossConfig:
     delta: Optional[float] = None         # two-sided clip of the ratio (TRL's delta), None = off
     importance_sampling_level: Literal["token", "sequence"] = "token"
     kl_clamp: Optional[float] = 10.0      # clamp of (ref - logp) inside k3; None = no clamp
-    num_iterations: int = 1               # updates per rollout (1 = on-policy, Video-R1)
     impl: Literal["auto", "reference", "triton"] = "auto"
     # Triton LM head design (kernels.linear_*): "chunked" = cuBLAS logits per chunk of rows + the Triton loss /
     # log-prob kernels writing the logit gradient in place + cuBLAS dX, dW (6NHV); "fused" = the split-vocab
@@ -395,7 +394,6 @@ def validate(cfg: Config) -> None:
         (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),
         (cfg.video.fps > 0, "video.fps must be > 0"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
-        (cfg.loss.num_iterations == 1, "loss.num_iterations: only 1 update per rollout (Video-R1's) is implemented"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0"),
         (cfg.train.prompts_per_rank >= 1, "train.prompts_per_rank must be >= 1"),

@@ -2,7 +2,7 @@
 shuffled pair).
 
 Engines: ``"hf"``, HF ``generate`` as Video-R1 calls it (``rollout.hf``), the baseline. The shared-KV engine
-(``"fast"``) comes later behind the same two functions.
+(``"paged"``, SPEC's name) comes later behind the same two functions.
 """
 from __future__ import annotations
 
