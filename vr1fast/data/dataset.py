@@ -26,14 +26,20 @@ from typing import Any, Iterator, Optional, Union
 
 from vr1fast.config import DataConfig
 from vr1fast.data.errors import RecordError
-from vr1fast.rl.rewards import extract_answer
 
 DATA_TYPES = ("image", "video")
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 MAX_REASONS = 5
 
-_ANSWER_BLOCK = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)  # Video-R1's, for solutions and completions
 logger = logging.getLogger(__name__)
+
+
+def extract_answer(text: str) -> str:
+    """The stripped content of the first ``<answer>…</answer>`` block of ``text``; ``""`` when there is none.
+    Owned here with the solution schema; ``rl.rewards`` applies it to completions too."""
+    match = ANSWER.search(text)
+    return match.group(1).strip() if match else ""
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ def _options(record: dict, problem_type: str, file: Path, index: int) -> tuple[s
 
 def _solution(record: dict, file: Path, index: int) -> tuple[str, str]:
     solution = _text(record, "solution", file, index)
-    if not _ANSWER_BLOCK.search(solution):
+    if not ANSWER.search(solution):
         raise RecordError(file, index, "solution", f"no <answer>…</answer> block in {solution[:80]!r}")
     answer = extract_answer(solution)
     if not answer:

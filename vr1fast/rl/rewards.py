@@ -1,7 +1,8 @@
 """Video-R1's reward functions (``src/r1-v/src/open_r1/grpo.py``), one completion at a time.
 
-* ``extract_answer``: first match of ``<answer>\\s*(.*?)\\s*</answer>`` (DOTALL), stripped; ``""`` if none. It is
-  applied to both the completion and the ground-truth ``solution``.
+* ``extract_answer`` (``data.dataset``'s, which owns the solution schema; re-exported here, the SPEC name): first
+  match of ``<answer>\\s*(.*?)\\s*</answer>`` (DOTALL), stripped; ``""`` if none. It is applied to both the
+  completion and the ground-truth ``solution``.
 * ``format_reward``: 1.0 iff the *whole* completion matches ``<think>.*?</think>\\s*<answer>.*?</answer>`` (DOTALL).
 * ``accuracy_reward``: by ``problem_type`` on the two extracted answers ``out`` and ``gt``:
 
@@ -29,14 +30,9 @@ import functools
 import re
 from typing import Callable, Optional
 
-_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+from vr1fast.data.dataset import extract_answer
+
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-
-
-def extract_answer(text: str) -> str:
-    """The stripped content of the first ``<answer>…</answer>`` block of ``text``; ``""`` when there is none."""
-    match = _ANSWER_RE.search(text)
-    return match.group(1).strip() if match else ""
 
 
 def format_reward(completion: str) -> float:
