@@ -58,6 +58,28 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, temperature: float, dtypes: tuple,
+               cast: bool = False) -> None:
+    """The LM-head launchers' input check (both designs): shapes, devices, dtypes (one of ``dtypes``) and
+    temperature; with ``cast`` (the head computes on copies in one dtype) hidden and weight may differ in dtype."""
+    check_device("linear_logprobs", hidden, weight, index)
+    if hidden.shape[:-1] != index.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"linear_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and index "
+                         f"{tuple(index.shape)} do not fit ([..., H], [V, H], [...])")
+    if (hidden.dtype != weight.dtype and not cast) or hidden.dtype not in dtypes or weight.dtype not in dtypes:
+        raise ValueError(f"linear_logprobs: hidden dtype {hidden.dtype} and weight dtype {weight.dtype} must be "
+                         f"the same, one of {dtypes}")
+    if not temperature > 0:
+        raise ValueError(f"linear_logprobs: temperature must be > 0, got {temperature}")
+    if index.dtype.is_floating_point:
+        raise ValueError(f"linear_logprobs: index dtype {index.dtype} is not an integer type")
+    # A device-side check would cost a host sync on GPU, so there ids are not checked: the fused head gives a NaN
+    # log-prob for an out-of-range id, the chunked head and the logits kernels read outside the row (garbage).
+    if not index.is_cuda and index.numel() and (index.min() < 0 or index.max() >= weight.shape[0]):
+        raise ValueError(f"linear_logprobs: index values must lie in [0, {weight.shape[0]}), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+
+
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
            torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
 

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from vr1fast.kernels import _gemm, grpo, logprob, reference
-from vr1fast.kernels._triton import Launch, autocast_dtype, check_device
-from vr1fast.kernels.linear_logprob import _check
+from vr1fast.kernels._triton import Launch, autocast_dtype, check_device, check_head
+from vr1fast.kernels.linear_logprob import DTYPES
 
 # Logits per chunk: 551 → 512 rows at V = 152064 (fp32 logits 0.31 GB + bf16 dz 0.16 GB; peak ≈ 1.16 × the bar
 # at N = 8192). Each chunk's dW update reads and writes the fp32 accumulator (8·V·H bytes for 2·C·V·H FLOPs:
@@ -200,7 +200,7 @@ def _flat(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float):
     """(x [N, H], w [V, H] with unit last strides, the GEMM dtype): the active autocast dtype (the Functions cast
     their inputs to it) or the inputs' own."""
     cast = autocast_dtype(hidden.device)
-    _check(hidden, weight, index, temperature, cast=cast is not None)
+    check_head(hidden, weight, index, temperature, DTYPES, cast=cast is not None)
     x = hidden.reshape(-1, hidden.shape[-1])
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     return (x if x.stride(-1) == 1 else x.contiguous()), w, _gemm_dtype(cast or x.dtype)

@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from vr1fast.kernels import _gemm
-from vr1fast.kernels._triton import INTERPRET, Launch, autocast_inputs, check_device, dot_operand
+from vr1fast.kernels._triton import INTERPRET, Launch, autocast_inputs, check_head, dot_operand
 from vr1fast.kernels.reference import grpo_loss_from_logprobs, resolve_cfg
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -232,27 +232,6 @@ def aot_variants(n: int = 8192, h: int = 3584, v: int = 152064) -> list[Launch]:
     return out
 
 
-def _check(hidden: Tensor, weight: Tensor, index: Tensor, temperature: float, cast: bool = False) -> None:
-    """Shapes, devices, dtypes and temperature; with ``cast`` (the head computes on copies in one dtype) hidden and
-    weight may differ in dtype."""
-    check_device("linear_logprobs", hidden, weight, index)
-    if hidden.shape[:-1] != index.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"linear_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and index "
-                         f"{tuple(index.shape)} do not fit ([..., H], [V, H], [...])")
-    if (hidden.dtype != weight.dtype and not cast) or hidden.dtype not in DTYPES or weight.dtype not in DTYPES:
-        raise ValueError(f"linear_logprobs: hidden dtype {hidden.dtype} and weight dtype {weight.dtype} must be "
-                         f"the same, one of {DTYPES}")
-    if not temperature > 0:
-        raise ValueError(f"linear_logprobs: temperature must be > 0, got {temperature}")
-    if index.dtype.is_floating_point:
-        raise ValueError(f"linear_logprobs: index dtype {index.dtype} is not an integer type")
-    # A device-side check would cost a host sync on GPU, so there ids are not checked: the fused head gives a NaN
-    # log-prob for an out-of-range id, the chunked head and the logits kernels read outside the row (garbage).
-    if not index.is_cuda and index.numel() and (index.min() < 0 or index.max() >= weight.shape[0]):
-        raise ValueError(f"linear_logprobs: index values must lie in [0, {weight.shape[0]}), got "
-                         f"[{int(index.min())}, {int(index.max())}]")
-
-
 def _forward(x: Tensor, w: Tensor, idx: Tensor, temperature: float,
              entropy: bool) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
     """x [N, H], w [V, H], idx [N] → (logp, entropy, lse, E_p[s]), each fp32 [N]; entropy and E_p[s] None unless
@@ -365,7 +344,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, index: Tensor, temperature: 
     autocast the inputs are cast to its dtype first (``_triton.autocast_inputs``).
     """
     hidden, weight = autocast_inputs(hidden, weight)
-    _check(hidden, weight, index, temperature)
+    check_head(hidden, weight, index, temperature, DTYPES)
     x = hidden.reshape(-1, hidden.shape[-1])
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
