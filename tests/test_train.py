@@ -21,7 +21,8 @@ from runs import comparable, small
 from vr1fast import ckpt
 from vr1fast.config import OptimConfig, parse_args
 from vr1fast.metrics import read_jsonl
-from vr1fast.train import NonFiniteLossError, build, close, lr_factor, main, train
+from vr1fast.optim import lr_factor
+from vr1fast.train import NonFiniteLossError, build, close, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO_R1_NAMES = ("completion_length", "rewards/accuracy_reward", "rewards/format_reward", "reward", "reward_std",

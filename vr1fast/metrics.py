@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from vr1fast import dist
 from vr1fast.config import ConfigError, MetricsConfig
 
 PLOT_PANELS = (
@@ -55,6 +56,28 @@ class StageTimer:
         yield
         self._sync()
         self.seconds[stage] += time.perf_counter() - start
+
+
+SUM_KEYS = ("skipped_media", "reward_exceptions")  # summed over ranks; every other metric is averaged
+
+
+def to_host(rows: list[dict], device_rows: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """The micro-batches' device scalars (loss, its metrics, token counts) copied to the host in one go."""
+    keys = list(device_rows[0])
+    values = torch.stack([torch.stack([r[k].double() for k in keys]) for r in device_rows]).tolist()
+    return [{**row, **dict(zip(keys, vals))} for row, vals in zip(rows, values)]
+
+
+def step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: float) -> dict[str, float]:
+    """Mean over micro-batches (counts summed), then one all-reduce over ranks."""
+    out = {k: sum(r[k] for r in rows) / (1 if k in SUM_KEYS else len(rows)) for k in rows[0]}
+    tokens = out.pop("tokens") * len(rows)
+    if seconds:  # a timed (logged) step
+        out.update({f"time/{k}_s": v for k, v in seconds.items()})
+        total = sum(seconds.values())
+        out.update({"time/step_s": total, "tokens_per_s": tokens / max(total, 1e-9)})
+    out.update({"grad_norm": float("nan") if grad_norm is None else float(grad_norm), "learning_rate": lr})
+    return dist.reduce_metrics(out, SUM_KEYS)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

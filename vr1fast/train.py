@@ -32,8 +32,8 @@ from typing import Any, Optional
 import torch
 import transformers
 
-from vr1fast import ckpt, dist
-from vr1fast.config import Config, ConfigError, OptimConfig, parse_args, to_yaml
+from vr1fast import ckpt, dist, optim
+from vr1fast.config import Config, ConfigError, parse_args, to_yaml
 from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
 from vr1fast.data.errors import MediaError, RecordError
 from vr1fast.data.prompts import build_messages
@@ -41,7 +41,7 @@ from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_media
 from vr1fast.dsconfig import deepspeed_config, hf_deepspeed_config
-from vr1fast.metrics import Metrics, StageTimer
+from vr1fast.metrics import Metrics, StageTimer, step_metrics, to_host
 from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import (build_model, checkpoint_config, freeze, reference_model, resolve_attn,
                                 tiny_model)
@@ -52,7 +52,6 @@ from vr1fast.rollout import rollout
 from vr1fast.warmstart import cached_warm_start, load_warm_weights
 
 MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
-SUM_KEYS = ("skipped_media", "reward_exceptions")  # summed over ranks; every other metric is averaged
 
 
 class NonFiniteLossError(RuntimeError):
@@ -178,13 +177,6 @@ def _check_finite(run: Run, state: TrainState, values: dict[str, torch.Tensor]) 
                                  f"{state.step + 1}: stopping before the update; last checkpoint: {where}")
 
 
-def _to_host(rows: list[dict], device_rows: list[dict[str, torch.Tensor]]) -> list[dict]:
-    """The micro-batches' device scalars (loss, its metrics, token counts) copied to the host in one go."""
-    keys = list(device_rows[0])
-    values = torch.stack([torch.stack([r[k].double() for k in keys]) for r in device_rows]).tolist()
-    return [{**row, **dict(zip(keys, vals))} for row, vals in zip(rows, values)]
-
-
 def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts. The loss
     and gradient norm are checked once, after the last backward and before the update (one host sync).
@@ -231,19 +223,7 @@ def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, flo
         engine_norm = dist.optimizer_step(run.policy)
         grad_norm = engine_norm if engine_norm is not None else grad_norm
     state.step += 1
-    return _step_metrics(_to_host(rows, device_rows), timer.seconds, grad_norm, lr)
-
-
-def _step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: float) -> dict[str, float]:
-    """Mean over micro-batches (counts summed), then one all-reduce over ranks."""
-    out = {k: sum(r[k] for r in rows) / (1 if k in SUM_KEYS else len(rows)) for k in rows[0]}
-    tokens = out.pop("tokens") * len(rows)
-    if seconds:  # a timed (logged) step
-        out.update({f"time/{k}_s": v for k, v in seconds.items()})
-        total = sum(seconds.values())
-        out.update({"time/step_s": total, "tokens_per_s": tokens / max(total, 1e-9)})
-    out.update({"grad_norm": float("nan") if grad_norm is None else float(grad_norm), "learning_rate": lr})
-    return dist.reduce_metrics(out, SUM_KEYS)
+    return step_metrics(to_host(rows, device_rows), timer.seconds, grad_norm, lr)
 
 
 # ---------------------------------------------------------------- the loop
@@ -277,28 +257,6 @@ def train(run: Run, state: TrainState) -> TrainState:
 
 
 # ---------------------------------------------------------------- building
-
-
-def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """HF Trainer's grouping in Video-R1's transformers (4.46–4.50): no weight decay on parameters whose names
-    contain "bias", "layernorm" or "rmsnorm" (Qwen2.5-VL's ``*_layernorm``); ``model.norm``, the vision blocks'
-    ``norm1``/``norm2`` and the merger's ``ln_q`` are decayed there, so they are here (later HF exempts them)."""
-    no_decay = [p for n, p in named if "bias" in n or "layernorm" in n or "rmsnorm" in n]
-    ids = {id(p) for p in no_decay}
-    decay = [p for _, p in named if id(p) not in ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """HF's schedules: linear warmup from 0 over ``warmup_steps``, then cosine / linear decay to 0, or constant."""
-    if step < cfg.warmup_steps:
-        return step / max(1, cfg.warmup_steps)
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    if cfg.scheduler == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    if cfg.scheduler == "linear":
-        return max(0.0, 1.0 - progress)
-    return 1.0
 
 
 def _records(cfg: Config, info: dist.DistInfo) -> Records:
@@ -391,10 +349,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
         keepalive = hf_deepspeed_config(ds_config)  # transformers' ZeRO-3 checks read it
     policy = dist.wrap_policy(
         policy_model, info, cfg.dist, precision=precision, ds_config=ds_config,
-        make_optimizer=lambda named: torch.optim.AdamW(
-            param_groups(named, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps),
-        make_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, cfg.optim, total)))
+        make_optimizer=optim.optimizer_factory(cfg.optim), make_scheduler=optim.scheduler_factory(cfg.optim, total))
     ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision,
                                                              ds_config=ds_config)
     state = TrainState()
