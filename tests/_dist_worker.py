@@ -8,6 +8,7 @@ It also counts the all-gather collectives each rank issues around one ``dist.rol
 1 and of 4 new tokens on a real prompt: with the weights gathered once per call the count cannot grow with the
 number of decode steps.
 """
+import faulthandler
 import hashlib
 import json
 import sys
@@ -89,6 +90,9 @@ def _hf_name(name: str) -> str:
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
+    # A run takes ~15 s: a rank still alive after 240 s is stuck; it prints every thread's stack and exits, so the
+    # test's failure shows where (the test's own timeout, 420 s, would only say that it timed out).
+    faulthandler.dump_traceback_later(240, exit=True)
     _count_gathers()
     cfg = parse_args(argv)
     initial = tiny_model(cfg.model.tiny_seed)[0].state_dict()  # before ZeRO-3's HfDeepSpeedConfig exists
