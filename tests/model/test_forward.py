@@ -11,7 +11,8 @@ from vr1fast.data.dataset import load_records
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.kernels.reference import selective_log_softmax
 from vr1fast.model.forward import (completion_hidden, completion_logprobs_reference, completion_rows,
-                                   expand_prompts, offsets_of, pack, prompt_positions, sequence_positions)
+                                   expand_prompts, offsets_of, prompt_positions, sequence_positions)
+from vr1fast.kernels.reference import pack
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import TEXT_VOCAB_SIZE
 

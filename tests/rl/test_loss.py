@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vr1fast.config import LossConfig
-from vr1fast.model.forward import CompletionRows, offsets_of, pack
+from vr1fast.kernels.reference import pack
+from vr1fast.model.forward import CompletionRows, offsets_of
 from vr1fast.rl.loss import completion_logprobs, policy_loss
 
 

@@ -128,13 +128,24 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def sequence_ids(offsets: Tensor) -> Tensor:
+    """The sequence of each packed row [N] (CPU int64)."""
+    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
+
+
 def packed_positions(offsets: Tensor, width: Optional[int] = None) -> tuple[Tensor, int]:
     """(flat positions b·T + j of the packed rows in a [B, T] padded layout, T = ``width`` or the longest
     sequence); CPU."""
-    lengths = offsets[1:] - offsets[:-1]
-    width = width or max(int(lengths.max()), 1)
-    seq = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    width = width or max(int((offsets[1:] - offsets[:-1]).max()), 1)
+    seq = sequence_ids(offsets)
     return seq * width + torch.arange(int(offsets[-1])) - offsets[:-1][seq], width
+
+
+def pack(padded: Tensor, offsets: Tensor) -> Tensor:
+    """The inverse of :func:`padded`: [S, L, ...] with sequence s's real entries at positions < its length →
+    [N, ...], sequence after sequence (L may exceed the longest sequence)."""
+    pos, _ = packed_positions(offsets, padded.shape[1])
+    return padded.reshape(-1, *padded.shape[2:])[to_device(pos, padded.device)]
 
 
 def padded(values: Tensor, offsets: Tensor, fill: float = 0.0) -> Tensor:
@@ -155,11 +166,9 @@ def token_rows(mask: Optional[Tensor], advantages: Tensor, cfg: dict, n: int,
         m = mask.to(dev, torch.float32)
         adv = advantages.float().repeat_interleave(m.shape[1])
         return m.reshape(-1), token_weights(m, cfg).reshape(-1), adv
-    pos, _ = packed_positions(offsets)
     m = torch.ones(n, device=dev) if mask is None else mask.to(dev, torch.float32).reshape(-1)
-    c = token_weights(padded(m, offsets), cfg).reshape(-1)[to_device(pos, dev)]
-    seq = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
-    return m, c, advantages.float()[to_device(seq, dev)]
+    c = pack(token_weights(padded(m, offsets), cfg), offsets)
+    return m, c, advantages.float()[to_device(sequence_ids(offsets), dev)]
 
 
 # ---------------------------------------------------------------- GRPO loss

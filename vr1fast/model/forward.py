@@ -131,12 +131,6 @@ def offsets_of(lengths: Union[Sequence[int], Tensor]) -> Tensor:
     return torch.cat([n.new_zeros(1), n.cumsum(0)])
 
 
-def pack(padded: Tensor, offsets: Tensor) -> Tensor:
-    """[S, L, ...] with sequence s's real entries at positions < its length → [N, ...], sequence after sequence."""
-    pos, _ = packed_positions(offsets, padded.shape[1])
-    return padded.reshape(-1, *padded.shape[2:])[to_device(pos, padded.device)]
-
-
 def completion_rows(model, inputs: Mapping[str, Tensor], completion_ids: Tensor,
                     lengths: Union[Sequence[int], Tensor], *, num_samples: int) -> CompletionRows:
     """``completion_hidden`` packed: the hidden states and ids of the first ``lengths[i]`` tokens of each completion
@@ -147,10 +141,11 @@ def completion_rows(model, inputs: Mapping[str, Tensor], completion_ids: Tensor,
     if n.numel() != completion_ids.shape[0] or (n < 0).any() or (n > completion_ids.shape[1]).any():
         raise ValueError(f"completion lengths {n.tolist()} do not fit completion_ids {tuple(completion_ids.shape)} "
                          f"(one per row, 0 ≤ length ≤ its width)")
-    steps = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-    mask = (steps[None, :] < to_device(offsets[1:] - offsets[:-1], completion_ids.device)[:, None]).long()
+    pos, width = packed_positions(offsets, completion_ids.shape[1])
+    mask = to_device((torch.arange(width)[None, :] < n[:, None]).long(), completion_ids.device)
     hidden, weight = completion_hidden(model, inputs, completion_ids, mask, num_samples=num_samples)
-    return CompletionRows(pack(hidden, offsets), pack(completion_ids, offsets), offsets, weight)
+    pos = to_device(pos, hidden.device)  # one index for both
+    return CompletionRows(hidden.reshape(-1, hidden.shape[-1])[pos], completion_ids.reshape(-1)[pos], offsets, weight)
 
 
 def _per_prompt_counts(mm_types: Tensor, kind: int) -> list[int]:
