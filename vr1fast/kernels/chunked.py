@@ -57,6 +57,11 @@ def chunk_rows(v: int, rows: Optional[int] = None) -> int:
     return r // 64 * 64 if r >= 64 else r
 
 
+def _chunks(n: int, rows: int):
+    """Row slices of ``rows`` rows (the last one shorter) covering [0, n)."""
+    return (slice(r0, min(r0 + rows, n)) for r0 in range(0, n, rows))
+
+
 def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
@@ -122,8 +127,7 @@ class _Logprob(torch.autograd.Function):
         xc, wc = x.to(dtype), w.to(dtype)
         n = x.shape[0]
         out = torch.empty(3, n, device=x.device, dtype=torch.float32)
-        for r0 in range(0, n, rows):
-            r = slice(r0, min(r0 + rows, n))
+        for r in _chunks(n, rows):
             launch = logprob.forward_launch(_logits(xc[r], wc), idx[r], temperature, entropy)
             launch()
             out[0, r], out[1, r] = launch.args["logp"], launch.args["lse"]
@@ -146,8 +150,7 @@ class _Logprob(torch.autograd.Function):
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None or ent.numel() == 0 else g_ent.float().contiguous()
         dx, dw = _new_dx(x, ctx.needs_input_grad[0]), None
-        for r0 in range(0, n, ctx.rows):
-            r = slice(r0, min(r0 + ctx.rows, n))
+        for r in _chunks(n, ctx.rows):
             logits = _logits(xc[r], wc)
             dz = torch.empty(logits.shape, device=x.device, dtype=ctx.dtype)
             logprob.backward_launch(dz, logits, idx[r], lse[r], g_logp[r], ctx.temperature,
@@ -169,8 +172,7 @@ class _TokenGrpo(torch.autograd.Function):
         xc, wc, n = x.to(dtype), w.to(dtype), x.shape[0]
         dx, dw = _new_dx(x, need_dx), None
         loss, stats = torch.zeros((), device=x.device), torch.zeros(4, device=x.device)
-        for r0 in range(0, n, rows):
-            r = slice(r0, min(r0 + rows, n))
+        for r in _chunks(n, rows):
             logits = _logits(xc[r], wc)
             col = (lambda t: None if t is None else t[r].unsqueeze(1))  # [C, 1]: advantage per row (T = 1)
             fwd = grpo.forward_launch(logits.unsqueeze(1), col(idx), col(m), adv[r], col(ref), col(old), cfg,
