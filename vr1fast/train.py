@@ -376,6 +376,7 @@ def _hidden_size(cfg: Config) -> int:
 def close(run: Run) -> Optional[Path]:
     """Close the metric sinks (writes the plot on rank 0) and tear the process group down."""
     plot = run.metrics.close()
+    dist.release(run.policy)  # DDP's reducer must go while its process group exists (else a rank can hang at exit)
     dist.teardown(run.info)
     if run.keepalive is not None:
         from transformers.integrations import unset_hf_deepspeed_config
