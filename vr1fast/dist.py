@@ -88,16 +88,6 @@ def init(cfg: DistConfig) -> DistInfo:
     return DistInfo(rank, world, local_rank, device, backend, strategy)
 
 
-def release(wrapped: Wrapped) -> None:
-    """Drop a DDP wrapper (and its gradient reducer) now, before :func:`teardown` destroys the process group: a
-    reducer freed after that, when the caller's objects die, left a rank blocked at exit (seen once in ~10 runs of
-    tests/test_dist.py's DDP case; the stuck rank's stack was at the end of main()). ``wrapped.model`` stays usable."""
-    if wrapped.strategy == "ddp":
-        wrapped.runner = None
-        import gc
-        gc.collect()
-
-
 def teardown(info: DistInfo) -> None:
     """Barrier, then destroy the process group (DeepSpeed aborts at exit intermittently without this)."""
     if tdist.is_initialized():

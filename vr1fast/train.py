@@ -20,6 +20,7 @@ scored on its own); the LM head runs on completion positions only and the vision
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -376,7 +377,9 @@ def _hidden_size(cfg: Config) -> int:
 def close(run: Run) -> Optional[Path]:
     """Close the metric sinks (writes the plot on rank 0) and tear the process group down."""
     plot = run.metrics.close()
-    dist.release(run.policy)  # DDP's reducer must go while its process group exists (else a rank can hang at exit)
+    if run.policy.strategy == "ddp":  # free DDP's reducer while its process group exists (a rank hung at exit)
+        run.policy.runner = None
+        gc.collect()
     dist.teardown(run.info)
     if run.keepalive is not None:
         from transformers.integrations import unset_hf_deepspeed_config
