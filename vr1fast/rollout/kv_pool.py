@@ -23,10 +23,10 @@ page is ever written and there is no copy-on-write.
     page_table(seqs, width) -> int32        [len(seqs), width] own pages of each seq, -1 after its last page
     slots(seq, start, stop) -> int64        flat slots of seq's own tokens start..stop-1
 A holder is a live sequence: a page's ref count is the number of live sequences that hold it (as own page or
-prefix), so a prompt may be freed right after its fork while its samples keep its pages. A page goes back to the free list (LIFO) when its last holder is freed. Errors are ValueErrors naming the
-sequence or page; running out of pages raises ``PoolTooSmall``. ``pages_needed`` + ``check_fits`` raise it before
-a rollout starts, from the worst case (every sample reaching max_new_tokens), so a batch that cannot fit fails
-with one line instead of an out-of-memory error deep inside decode.
+prefix), so a prompt may be freed right after its fork while its samples keep its pages. A page goes back to the
+free list (LIFO) when its last holder is freed. Errors are ValueErrors naming the sequence or page; running out of
+pages raises ``PoolTooSmall``. ``pages_needed`` + ``check_fits`` raise it before a rollout starts, from the worst
+case (every sample reaching max_new_tokens), so a batch that cannot fit fails with one line instead of an out-of-memory error deep inside decode.
 """
 from __future__ import annotations
 
