@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vr1fast import ckpt, dist
-from vr1fast.config import ConfigError, DistConfig
+from vr1fast.config import DistConfig
+from vr1fast.errors import ConfigError
 from vr1fast.model.load import load_model, tiny_model
 from vr1fast.precision import precision_plan
 

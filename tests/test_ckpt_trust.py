@@ -12,7 +12,7 @@ import torch
 
 from test_ckpt import _train_one_step, _wrapped
 from vr1fast import ckpt
-from vr1fast.config import ConfigError
+from vr1fast.errors import ConfigError
 from vr1fast.model.load import tiny_model
 
 

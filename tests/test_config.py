@@ -1,7 +1,8 @@
 """Config tree: presets, YAML files, --section.key=value overrides, and one-line errors naming the field."""
 import pytest
 
-from vr1fast.config import Config, ConfigError, demo, parse_args, to_yaml, videor1
+from vr1fast.config import Config, demo, parse_args, to_yaml, videor1
+from vr1fast.errors import ConfigError
 
 
 def _error(argv, tmp_path=None) -> str:

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from vr1fast.config import ConfigError, MetricsConfig
+from vr1fast.config import MetricsConfig
+from vr1fast.errors import ConfigError
 from vr1fast.metrics import Metrics, StageTimer, read_jsonl
 
 STAGES = ("data", "processor", "rollout", "reward", "ref", "policy_fwd_bwd", "optimizer")

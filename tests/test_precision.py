@@ -9,9 +9,10 @@ CPU bf16 autocast (``--train.bf16=true``). This file runs the single-process str
 import pytest
 import torch
 
-from vr1fast.config import ConfigError, DistConfig, parse_args
+from vr1fast.config import DistConfig, parse_args
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.dsconfig import deepspeed_config
+from vr1fast.errors import ConfigError
 from vr1fast.model.load import tiny_model
 from vr1fast.precision import precision_plan
 from vr1fast.train import build, close, train_step

@@ -19,10 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-
-class ConfigError(ValueError):
-    """A bad config value, unknown key or unreadable config file; the message names it."""
+from vr1fast.errors import ConfigError
 
 
 @dataclass

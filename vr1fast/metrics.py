@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 
 from vr1fast import dist
-from vr1fast.config import ConfigError, MetricsConfig
+from vr1fast.config import MetricsConfig
+from vr1fast.errors import ConfigError
 
 PLOT_PANELS = (
     ("reward parts", ("reward", "rewards/accuracy_reward", "rewards/format_reward")),

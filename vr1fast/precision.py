@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from vr1fast.config import ConfigError
+from vr1fast.errors import ConfigError
 
 
 @dataclass(frozen=True)

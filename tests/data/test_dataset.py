@@ -7,7 +7,7 @@ import pytest
 
 from vr1fast.config import DataConfig
 from vr1fast.data.dataset import Position, Sampler, load_records
-from vr1fast.data.errors import RecordError
+from vr1fast.errors import RecordError
 
 MEDIA = ["CLEVRER/video_1.mp4", "Math/img_2.png", "STAR/video_3.mp4"]
 

@@ -21,9 +21,9 @@ from media import decode_all_frames, frame_index, indexed_frames, make_broken_me
     vfr_timestamps, write_video
 from vr1fast.config import VideoConfig, eval_video
 from vr1fast.data.decode import decord_available
-from vr1fast.data.errors import MediaError
 from vr1fast.data.video import load_image, load_video, num_frames, read_video, resize_frames, \
     sample_frame_indices, smart_resize, video_pixel_bounds
+from vr1fast.errors import MediaError
 
 TRAIN_MIN, TRAIN_MAX = 128 * 28 * 28, 105369  # 100 352 and int(1.05 · 100 352)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from media import conversation
-from vr1fast.config import ConfigError, ModelConfig
+from vr1fast.config import ModelConfig
+from vr1fast.errors import ConfigError
 from vr1fast.model.load import (build_model, checkpoint_config, is_checkpointing, load_model, reference_model,
                                 resolve_attn, resolve_dtype, save_tiny, tiny_config, tiny_model)
 from vr1fast.model.tokenizer import build_tiny_tokenizer

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from vr1fast.config import DataConfig
-from vr1fast.data.errors import RecordError
+from vr1fast.errors import RecordError
 
 DATA_TYPES = ("image", "video")
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")

@@ -25,7 +25,7 @@ failure (qwen-vl-utils likewise falls back from decord to its other reader).
 Nothing here hangs: the whole decode runs in a worker thread that the caller waits on for at most
 ``timeout_s``; PyAV's own loops and its I/O interrupt callback stop at the same deadline, while a decord call
 stuck in C is abandoned (the daemon thread is left behind). Every failure, timeout included, is a
-:class:`~vr1fast.data.errors.MediaError` naming the file.
+:class:`~vr1fast.errors.MediaError` naming the file.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from vr1fast.data.errors import MediaError
+from vr1fast.errors import MediaError
 
 ChooseIndices = Callable[[int, float], Sequence[int]]  # (total_frames, video_fps) -> frame indices
 

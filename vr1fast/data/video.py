@@ -19,7 +19,7 @@ Images (``fetch_image``): Pillow decode, RGBA pasted on white through its alpha 
 Deviations from Video-R1, all deliberate: frames are returned as uint8 [T, H, W, 3] (qwen-vl-utils returns
 the same integer values as float32 [T, 3, H, W]); smart_resize keeps every side ≥ 28 when shrinking (newer
 qwen-vl-utils and transformers do; Video-R1's copy returns a 0 side for aspect ratios beyond ~130:1 and then
-crashes); an unreadable file raises :class:`~vr1fast.data.errors.MediaError` instead of falling back to
+crashes); an unreadable file raises :class:`~vr1fast.errors.MediaError` instead of falling back to
 torchvision or to another sample; ``video_start``/``video_end`` are not supported (Video-R1's decord path
 raises for them too).
 """
@@ -37,7 +37,7 @@ from PIL import Image
 
 from vr1fast.config import VideoConfig
 from vr1fast.data.decode import decode_frames
-from vr1fast.data.errors import MediaError
+from vr1fast.errors import MediaError
 from vr1fast.model.qwen import IMAGE_FACTOR
 
 PathLike = Union[str, Path]
