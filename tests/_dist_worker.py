@@ -22,7 +22,8 @@ from vr1fast.config import parse_args
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.model.load import tiny_model
-from vr1fast.train import build, close, next_prompts, train
+from vr1fast.data.loader import next_prompts
+from vr1fast.train import build, close, train
 
 GATHERS = [0]     # outermost all-gather calls (all_gather_into_tensor calls all_gather_single: counted once)
 DEPTH = [0]
@@ -61,7 +62,8 @@ def _greedy(model, inputs, tokens: int, pad: int):
 def _gathers_per_generate(run, state) -> dict[int, int]:
     """All-gathers this rank issues for one rollout_call generating exactly 1 and 4 tokens on its next prompt,
     after a first call (which may find some ZeRO-3 parameters still gathered from the training step)."""
-    samples, media, _ = next_prompts(run, state, 12345)
+    samples, media, _, _ = next_prompts(run.records, run.sampler, state.position, run.cfg, rank=run.info.rank,
+                                         world_size=run.info.world_size, seed=12345)
     pair = build_shuffle_pair(run.tokenizer, [build_messages(s, run.cfg.data.eval_mode) for s in samples], media,
                               torch.Generator().manual_seed(0), mode=run.cfg.data.frame_shuffle)
     inputs = pair.ordered.to(run.info.device).model_inputs()

@@ -13,9 +13,9 @@ from vr1fast.config import ConfigError, VideoConfig, demo, parse_args
 from vr1fast.data.dataset import load_records
 from vr1fast.data.prompts import build_sft_messages, sft_target
 from vr1fast.data.synthetic import generate_synthetic
-from vr1fast.model.load import tiny_model
+from vr1fast.model.load import load_weights, tiny_model
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE
-from vr1fast.warmstart import (assistant_loss, cache_key, cached_warm_start, collate_sft, load_warm_weights,
+from vr1fast.warmstart import (assistant_loss, cache_key, cached_warm_start, collate_sft,
                                sft_examples, warm_start)
 
 VIDEO = demo().video
@@ -103,7 +103,7 @@ def test_cache_is_reused_and_keyed(subset):
     assert (first.reused, again.reused, again.path, again.stats) == (False, True, first.path, first.stats)
     assert time.perf_counter() - started < 1.0
     assert (first.path / "config.json").is_file() and first.path.parent == subset.parent
-    model = load_warm_weights(tiny_model(0)[0], first.path)
+    model = load_weights(tiny_model(0)[0], first.path)
     initial = _weights(tiny_model(0)[0])
     assert max((v - initial[k]).abs().max().item() for k, v in _weights(model).items()) > 1e-3
     other = cached_warm_start(subset, VIDEO, **{**settings, "steps": 5})
@@ -136,7 +136,7 @@ def test_train_starts_policy_and_reference_from_the_warm_start(synthetic, tmp_pa
     finally:
         close(run)
     (warm,) = synthetic.glob("warm_*")
-    saved = _weights(load_warm_weights(tiny_model(0)[0], warm))
+    saved = _weights(load_weights(tiny_model(0)[0], warm))
     initial = _weights(tiny_model(0)[0])
     assert all(torch.equal(policy[k], saved[k]) and torch.equal(ref[k], saved[k]) for k in saved)
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)

@@ -5,18 +5,14 @@ rendezvous, e.g. ``--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500``).
 process with no process group, unless the strategy needs one (then a local group of one is made).
 
 Strategies (``DistConfig.strategy``):
-  * ``none``      one process, plain module;
-  * ``ddp``       ``DistributedDataParallel``;
-  * ``fsdp2``     ``fully_shard`` on every decoder layer, on the vision tower as its own unit (HF ``generate`` runs
-                  it outside the root forward), then on the root; bf16 ``MixedPrecisionPolicy`` under the bf16 plan;
+  * ``none``      one process, plain module;      * ``ddp``       ``DistributedDataParallel``;
+  * ``fsdp2``     ``fully_shard`` per decoder layer, the vision tower (its own unit), the root; precision plan's policy;
   * ``deepspeed`` ZeRO-2/3 from a user JSON in Video-R1's ``zero3.json`` shape: "auto" values are filled, an
                   optimizer block gets ``torch_adam: true`` (no JIT build of fused Adam); without one, torch AdamW
                   is passed in, as HF Trainer does for Video-R1.
-The model stays plain. :class:`Runner` holds it and runs any ``fn(model, ...)`` as its forward, so the GRPO loss,
-which reads ``lm_head.weight`` without calling ``lm_head``, runs inside the wrapped forward where DDP, FSDP2 and
-ZeRO-3 have the parameters gathered (ZeRO-3 also gets the head weight registered as an external parameter).
-Which dtypes the policy and the reference compute in is one table, ``vr1fast.precision.precision_plan``; the
-wrappers apply it to both models alike.
+The model stays plain; :class:`Runner` runs any ``fn(model, ...)`` as its forward, so the GRPO loss (it reads
+``lm_head.weight``, registered as an external parameter under ZeRO-3) runs where the parameters are gathered.
+Dtypes: one table, ``vr1fast.precision.precision_plan``, applied to both models alike.
 """
 from __future__ import annotations
 
@@ -112,6 +108,13 @@ def print0(*args, **kwargs) -> None:
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()
+
+
+def once(make: Callable[[], Any]) -> Any:
+    """``make()`` on rank 0, then after a barrier on the others, which reuse what rank 0 cached (synthetic set)."""
+    made = make() if not tdist.is_initialized() or tdist.get_rank() == 0 else None
+    barrier()
+    return made if made is not None else make()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

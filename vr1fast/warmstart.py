@@ -42,10 +42,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-from vr1fast.config import VideoConfig
+from vr1fast.config import Config, VideoConfig
 from vr1fast.data.dataset import Sample, load_records
+from vr1fast.data.loader import synthetic_set
 from vr1fast.data.processor import PromptBatch, build_prompt_batch
 from vr1fast.data.prompts import build_sft_messages, sft_target
 from vr1fast.data.video import load_media
@@ -214,9 +214,12 @@ def cached_warm_start(sft_json: str | Path, video_cfg: VideoConfig, *, tiny_seed
     return WarmStart(final, stats, False)
 
 
-def load_warm_weights(model, path: str | Path):
-    """Copy the weights of a :func:`cached_warm_start` folder (read with ``from_pretrained``, which maps the
-    saved names) into ``model`` of the same architecture, strictly, in its dtype and on its device; returns it."""
-    saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    model.load_state_dict(saved.state_dict())
-    return model
+def configured_warm_start(cfg: Config) -> Optional[WarmStart]:
+    """With ``model.warmstart_steps``: the tiny model warm-started on ``cfg``'s synthetic set (its ``sft.json``),
+    cached beside it; None without. Call it on one rank first (``dist.once``): the others then find the cache."""
+    m = cfg.model
+    if not m.warmstart_steps:
+        return None
+    return cached_warm_start(synthetic_set(cfg.data).sft_json, cfg.video, tiny_seed=m.tiny_seed,
+                             rope_positions=m.rope_positions, steps=m.warmstart_steps, lr=m.warmstart_lr,
+                             batch_size=m.warmstart_batch_size, seed=cfg.train.seed)

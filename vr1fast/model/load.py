@@ -24,6 +24,7 @@ when ``flash_attn`` is importable and the device is CUDA (as Video-R1's scripts 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -211,3 +212,44 @@ def reference_model(source: Union[nn.Module, str, Path], *, beta: float, dtype: 
         return freeze(copy.deepcopy(source))
     return freeze(load_model(source, dtype=dtype, attn_implementation=attn_implementation, device=device,
                              rope_positions=rope_positions)[0])
+
+
+def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Copy the weights of a saved checkpoint folder (read with ``from_pretrained``, which maps the saved names)
+    into ``model`` of the same architecture, strictly, in its dtype and on its device; returns it."""
+    saved = QwenVL.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    model.load_state_dict(saved.state_dict())
+    return model
+
+
+def build_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: Optional[Path] = None,
+                 warm: Optional[Path] = None):
+    """``(policy, reference or None, tokenizer)`` for a run, on the CPU, in ``dtype`` with attention ``attn``.
+
+    The policy comes from ``init`` (a checkpoint's model folder, when resuming) or the configured source; the
+    reference (β ≠ 0) always from the configured source: it is the frozen *initial* policy. ``warm`` (the demo's
+    warm-started tiny model) overrides the configured source's weights: in the reference, and in the policy
+    unless it is resumed."""
+    source = dataclasses.replace(cfg, dtype=dtype, attn_implementation=attn,
+                                 path=str(init) if init else cfg.path)
+    policy, tokenizer = build_model(source, device="cpu")
+    if warm is not None and init is None:
+        load_weights(policy, warm)
+    if beta == 0:
+        return policy, None, tokenizer
+    if cfg.path is None:
+        ref = tiny_model(cfg.tiny_seed, dtype=dtype, tokenizer=tokenizer, attn_implementation=attn,
+                         rope_positions=cfg.rope_positions)[0]
+    else:
+        ref = load_model(cfg.path, dtype=dtype, attn_implementation=attn, device="cpu",
+                         rope_positions=cfg.rope_positions)[0]
+    if warm is not None:
+        load_weights(ref, warm)
+    return policy, freeze(ref), tokenizer
+
+
+def text_hidden_size(cfg: ModelConfig) -> int:
+    """The text hidden size of the configured model, read from config.json (no weights loaded)."""
+    if cfg.path is None:
+        return TINY_TEXT["hidden_size"]
+    return checkpoint_config(cfg.path).text_config.hidden_size
