@@ -1,7 +1,9 @@
 """Config tree: presets, YAML files, --section.key=value overrides, and one-line errors naming the field."""
 import pytest
 
-from vr1fast.config import Config, demo, parse_args, to_yaml, videor1
+from vr1fast.cli import parse as parse_args
+from vr1fast.cli import to_yaml
+from vr1fast.config import Config, demo, videor1
 from vr1fast.errors import ConfigError
 
 

@@ -4,20 +4,15 @@ Each stage gets only its own section (``cfg.video`` for frame sampling, ``cfg.re
 no stage reads another stage's config. Every Video-R1 constant lives here, with the value of Video-R1's code as
 the default, so ``Config()`` *is* the Video-R1 setting and presets only change what they name.
 
-Overrides come from a YAML file and from ``--section.key=value`` arguments; an unknown section or key, or a value
-that does not parse to the field's type, raises :class:`ConfigError` naming it.
+``vr1fast.cli`` applies a YAML file and ``--section.key=value`` arguments to a preset and prints ``--help`` from this
+file: a field's comment (on its line, continued on the comment lines right below it) is its help text.
+:func:`validate` holds the checks a type cannot express.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
-
-import yaml
 
 from vr1fast.errors import ConfigError
 
@@ -60,6 +55,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The policy (and frozen reference) weights and how they run."""
+
     path: Optional[str] = None            # local HF checkpoint dir; None = the tiny random Qwen2.5-VL
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: training builds policy and reference
     # in the precision plan's dtype (precision.precision_plan); model.load_model: bf16 on GPU, fp32 on CPU
@@ -77,6 +74,8 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
+    """Sampling G completions per prompt on the ordered and the shuffled video."""
+
     engine: Literal["hf"] = "hf"          # hf = HF generate as Video-R1 calls it (the baseline); = rollout.ENGINES
     num_generations: int = 8              # G ordered completions per prompt
     num_shuffled: Optional[int] = None    # completions on the shuffled video; None = G // 2 (Video-R1); 0 disables
@@ -98,8 +97,8 @@ class RewardConfig:
     reward_funcs: tuple[str, ...] = ("accuracy", "format")
     correct_threshold: float = 0.1        # accuracy > this counts as correct (temporal and length rules)
     temporal: bool = True
-    temporal_rule: Literal["code", "strict", "diff"] = "code"
-    # code: mean(acc) >= mu * mean(acc_shuf) -> +alpha (Video-R1's code, mu=0.8)
+    temporal_rule: Literal["code", "strict", "diff"] = "code"  # how the temporal bonus compares p and p~:
+    # code: mean(acc) >= mu * mean(acc_shuf) -> +alpha (Video-R1's code, mu=0.8);
     # strict: the paper's p > p~ (mu = 1.0, strict >); diff: +alpha * (p - p~) when p > p~
     temporal_mu: float = 0.8
     temporal_alpha: float = 0.3
@@ -122,12 +121,11 @@ class LossConfig:
     delta: Optional[float] = None         # two-sided clip of the ratio (TRL's delta), None = off
     importance_sampling_level: Literal["token", "sequence"] = "token"
     kl_clamp: Optional[float] = 10.0      # clamp of (ref - logp) inside k3; None = no clamp
-    impl: Literal["auto", "reference", "triton"] = "auto"
-    # Triton LM head design (kernels.linear_*): "chunked" = cuBLAS logits per chunk of rows + the Triton loss /
-    # log-prob kernels writing the logit gradient in place + cuBLAS dX, dW (6NHV); "fused" = the split-vocab
-    # Triton GEMM kernels that never hold a logits chunk (8NHV, recompute). Chunked is the default until a GPU
-    # measurement decides (benchmarks/).
-    head: Literal["chunked", "fused"] = "chunked"
+    impl: Literal["auto", "reference", "triton"] = "auto"  # auto: $VR1FAST_IMPL, else Triton on CUDA, else reference
+    head: Literal["chunked", "fused"] = "chunked"  # Triton LM head design (kernels.linear_*): "chunked" = cuBLAS
+    # logits per chunk of rows + the Triton loss / log-prob kernels writing the logit gradient in place + cuBLAS
+    # dX, dW (6NHV); "fused" = the split-vocab Triton GEMM kernels that never hold a logits chunk (8NHV,
+    # recompute). Chunked is the default until a GPU measurement decides (benchmarks/).
 
     def kernel_kwargs(self) -> dict[str, Any]:
         return dict(beta=self.beta, loss_type=self.loss_type, epsilon_low=self.epsilon_low,
@@ -137,6 +135,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -148,6 +148,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Steps, batch, precision, output and checkpoints."""
+
     max_steps: int = 0                    # 0 = one epoch over the data
     prompts_per_rank: int = 1             # Video-R1 runs 1
     grad_accum: int = 1
@@ -163,6 +165,8 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
+    """How the ranks share the model: DDP, FSDP2 or DeepSpeed ZeRO."""
+
     strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"  # auto: DDP if world > 1
     deepspeed_config: Optional[str] = None  # a Video-R1-style zero2.json / zero3.json
     zero_stage: int = 3                     # used when deepspeed_config is None
@@ -171,6 +175,8 @@ class DistConfig:
 
 @dataclass
 class MetricsConfig:
+    """Where the step metrics go."""
+
     jsonl: bool = True
     tensorboard: bool = True
     wandb: bool = False
@@ -181,7 +187,7 @@ class MetricsConfig:
 
 @dataclass
 class Config:
-    preset: str = "videor1"
+    preset: str = "videor1"              # the preset this config starts from
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -225,158 +231,6 @@ def demo() -> Config:
 PRESETS = {"demo": demo, "videor1": videor1}
 
 
-# ---------------------------------------------------------------- overrides
-
-
-def _parse_value(text: str, tp: Any, where: str) -> Any:
-    """Parse a CLI string into the field type ``tp`` (YAML syntax: 1e-6, true, null, [0.9, 0.95])."""
-    try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: cannot parse {text!r}: {e}") from None
-    return _coerce(value, tp, where)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def set_value(cfg: Config, dotted: str, value: Any, *, from_text: bool) -> None:
-    """Set ``section.key`` (or a top-level key) on ``cfg``; unknown names raise ConfigError."""
-    parts = dotted.split(".")
-    node: Any = cfg
-    for i, name in enumerate(parts):
-        hints = _hints(type(node))
-        if name not in hints:
-            known = ", ".join(sorted(hints))
-            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (known here: {known})")
-        if i == len(parts) - 1:
-            tp = hints[name]
-            if dataclasses.is_dataclass(getattr(node, name)):
-                raise ConfigError(f"{dotted!r} is a section; set its keys, e.g. --{dotted}.<key>=...")
-            parsed = _parse_value(value, tp, dotted) if from_text else _coerce(value, tp, dotted)
-            setattr(node, name, parsed)
-        else:
-            node = getattr(node, name)
-            if not dataclasses.is_dataclass(node):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is a value, not a section")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.extend(_flatten(v, key + "."))
-        else:
-            out.append((key, v))
-    return out
-
-
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections")
-    return data
-
-
-def load_yaml(cfg: Config, path: str | Path) -> None:
-    data = _read_yaml(path)
-    data.pop("preset", None)
-    for key, value in _flatten(data):
-        set_value(cfg, key, value, from_text=False)
-
-
-def parse_args(argv: list[str] | None) -> Config:
-    """``[--preset NAME] [--config FILE] [--section.key=value ...]`` → a validated Config.
-
-    Order: preset (default ``demo``; a YAML file may name one), then the YAML file, then CLI overrides.
-    """
-    argv = list(argv or [])
-    preset, config_file, overrides = None, None, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; use --section.key=value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError(f"{arg} needs a value (--{key}=VALUE)")
-            value, i = argv[i + 1], i + 1
-        if key == "preset":
-            preset = value
-        elif key == "config":
-            config_file = value
-        else:
-            overrides.append((key, value))
-        i += 1
-    if preset is None and config_file:
-        preset = _read_yaml(config_file).get("preset")
-    name = preset or "demo"
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    cfg = PRESETS[name]()
-    if config_file:
-        load_yaml(cfg, config_file)
-    for key, value in overrides:
-        set_value(cfg, key, value, from_text=True)
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: Config) -> None:
     """Cross-field checks a type cannot express; raises ConfigError naming the field."""
     checks = [
@@ -415,5 +269,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"reward.reward_funcs: unknown reward function(s) {sorted(unknown)}")
 
 
+def parse_args(argv: list[str] | None) -> Config:
+    """The old name of :func:`vr1fast.cli.parse`, kept until ``train.py`` imports it from there."""
+    from vr1fast.cli import parse
+    return parse(argv)
+
+
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
+    """The old place of :func:`vr1fast.cli.to_yaml`, kept until ``train.py`` imports it from there."""
+    from vr1fast.cli import to_yaml as dump
+    return dump(cfg)

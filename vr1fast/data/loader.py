@@ -13,9 +13,9 @@ import torch
 
 from vr1fast.config import Config, DataConfig
 from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
-from vr1fast.data.errors import MediaError
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_media
+from vr1fast.errors import MediaError
 
 MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
 
