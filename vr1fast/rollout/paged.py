@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
+from vr1fast.kernels.reference import to_device
 from vr1fast.kernels.reference_paged import cascade_decode_attention, prefill_attention
 from vr1fast.rollout.kv_pool import KVPool
 
@@ -97,7 +98,7 @@ def prefill(model: nn.Module, pool: KVPool, embeds: Tensor, positions: Tensor, c
         return prefill_attention(q, k, v, cu, pool.k[i], pool.v[i], slots, layers[i].self_attn.scaling)
 
     hidden = _decoder(model, embeds, positions, attend)
-    return model.lm_head(hidden[(cu[1:] - 1).to(hidden.device)])
+    return model.lm_head(hidden[to_device(cu[1:] - 1, hidden.device)])
 
 
 @torch.no_grad()
