@@ -48,8 +48,8 @@ class DataConfig:
     shuffle_allow_identity: bool = False  # Video-R1's randperm can return the identity (1/T!); we re-draw
     second_per_grid_ts: float = 1.0       # M-RoPE seconds per temporal patch; Video-R1 training never passes fps
     synthetic_dir: str = "runs/synthetic"  # where the embedded default set is generated
-    synthetic_size: int = 24
-    synthetic_seed: int = 0
+    synthetic_size: int = 24              # records in the synthetic set
+    synthetic_seed: int = 0               # seed of the synthetic set
     eval_mode: bool = False               # eval prompt variant
 
 
@@ -60,16 +60,17 @@ class ModelConfig:
     path: Optional[str] = None            # local HF checkpoint dir; None = the tiny random Qwen2.5-VL
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"  # auto: training builds policy and reference
     # in the precision plan's dtype (precision.precision_plan); model.load_model: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    gradient_checkpointing: bool = True
-    freeze_vision: bool = False
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: flash-attn on CUDA
+    # where importable, else sdpa (model.load.resolve_attn)
+    gradient_checkpointing: bool = True   # recompute the decoder activations in the backward
+    freeze_vision: bool = False           # no gradient into the vision tower
     tiny_seed: int = 0                    # init seed of the tiny model
     rope_positions: Literal["videor1", "transformers"] = "videor1"  # M-RoPE: Video-R1's transformers 4.x rule
     # (text after a video resumes at max(t, h, w) + 1) or the installed 5.x one; see vr1fast.model.rope
     warmstart_steps: int = 0              # demo only (Video-R1 starts from an SFT checkpoint): teacher-forced steps
     # of the tiny model on the synthetic SFT set before RL, cached (vr1fast.warmstart); 0 = off
-    warmstart_lr: float = 3e-3
-    warmstart_batch_size: int = 4
+    warmstart_lr: float = 3e-3            # AdamW learning rate of the warm start
+    warmstart_batch_size: int = 4         # SFT examples per warm-start step
 
 
 @dataclass
@@ -79,10 +80,10 @@ class RolloutConfig:
     engine: Literal["hf"] = "hf"          # hf = HF generate as Video-R1 calls it (the baseline); = rollout.ENGINES
     num_generations: int = 8              # G ordered completions per prompt
     num_shuffled: Optional[int] = None    # completions on the shuffled video; None = G // 2 (Video-R1); 0 disables
-    temperature: float = 1.0
-    top_p: float = 0.95
+    temperature: float = 1.0              # sampling temperature; the loss log-probs use the same T (TRL)
+    top_p: float = 0.95                   # nucleus sampling mass
     top_k: int = 50                       # Video-R1's GenerationConfig left transformers 4.x's default 50; 0 = off
-    max_new_tokens: int = 768
+    max_new_tokens: int = 768             # completion length cap
     max_prompt_length: int = 16384        # a longer prompt is an error naming its record (Video-R1 truncates)
 
     def shuffled_samples(self) -> int:
@@ -94,32 +95,32 @@ class RolloutConfig:
 class RewardConfig:
     """T-GRPO rewards: accuracy (+temporal bonus) + format + length."""
 
-    reward_funcs: tuple[str, ...] = ("accuracy", "format")
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # among accuracy, format
     correct_threshold: float = 0.1        # accuracy > this counts as correct (temporal and length rules)
-    temporal: bool = True
+    temporal: bool = True                 # T-GRPO's temporal bonus on video prompts
     temporal_rule: Literal["code", "strict", "diff"] = "code"  # how the temporal bonus compares p and p~:
     # code: mean(acc) >= mu * mean(acc_shuf) -> +alpha (Video-R1's code, mu=0.8);
     # strict: the paper's p > p~ (mu = 1.0, strict >); diff: +alpha * (p - p~) when p > p~
-    temporal_mu: float = 0.8
-    temporal_alpha: float = 0.3
-    len_control: bool = True
+    temporal_mu: float = 0.8              # mu of the "code" rule
+    temporal_alpha: float = 0.3           # alpha, the temporal bonus
+    len_control: bool = True              # the length bonus
     len_bonus: float = 0.2                # omega
-    len_min: int = 320
-    len_max: int = 512
+    len_min: int = 320                    # a correct completion of len_min..len_max tokens gets the length bonus
+    len_max: int = 512                    # inclusive, like len_min
     len_min_correct: int = 2              # the bonus needs at least this many correct completions in the group
-    adv_eps: float = 1e-4
+    adv_eps: float = 1e-4                 # advantage = (r - mean) / (std + adv_eps) per group
 
 
 @dataclass
 class LossConfig:
     """Keyword arguments of ``kernels.grpo_loss`` / ``linear_grpo_loss`` (TRL names)."""
 
-    beta: float = 0.04
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    beta: float = 0.04                    # KL coefficient (k3 to the frozen reference); 0 = no reference
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"  # token-loss normalisation, as TRL's
+    epsilon_low: float = 0.2              # the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float = 0.2             # DAPO raises it above epsilon_low
     delta: Optional[float] = None         # two-sided clip of the ratio (TRL's delta), None = off
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
     kl_clamp: Optional[float] = 10.0      # clamp of (ref - logp) inside k3; None = no clamp
     impl: Literal["auto", "reference", "triton"] = "auto"  # auto: $VR1FAST_IMPL, else Triton on CUDA, else reference
     head: Literal["chunked", "fused"] = "chunked"  # Triton LM head design (kernels.linear_*): "chunked" = cuBLAS
@@ -137,13 +138,13 @@ class LossConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    max_grad_norm: float = 5.0
+    lr: float = 1e-6                      # peak learning rate
+    weight_decay: float = 0.01            # AdamW (decoupled) weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8                     # AdamW eps
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # after the warmup: decay to 0 by the end
+    warmup_steps: int = 0                 # linear warmup from 0
+    max_grad_norm: float = 5.0            # clip of the global gradient norm
 
 
 @dataclass
@@ -152,15 +153,15 @@ class TrainConfig:
 
     max_steps: int = 0                    # 0 = one epoch over the data
     prompts_per_rank: int = 1             # Video-R1 runs 1
-    grad_accum: int = 1
-    seed: int = 42
-    output_dir: str = "runs/vr1fast"
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    seed: int = 42                        # seeds the sampling, shuffles and data order
+    output_dir: str = "runs/vr1fast"      # checkpoints, config.yaml and metrics
     bf16: Optional[bool] = None           # the bf16 precision plan (precision.precision_plan): None = where CUDA
     # exists; true = on any device (CPU: bf16 autocast); false = fp32
     resume: str = "none"                  # none | auto | <checkpoint dir>
-    save_every: int = 100
+    save_every: int = 100                 # checkpoint every N steps (and at the end)
     save_total_limit: int = 0             # keep the newest N complete checkpoints (0 = all); never the resumed one
-    log_every: int = 1
+    log_every: int = 1                    # metric rows every N steps (and at the end)
 
 
 @dataclass
@@ -170,19 +171,19 @@ class DistConfig:
     strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"  # auto: DDP if world > 1
     deepspeed_config: Optional[str] = None  # a Video-R1-style zero2.json / zero3.json
     zero_stage: int = 3                     # used when deepspeed_config is None
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, else gloo
 
 
 @dataclass
 class MetricsConfig:
     """Where the step metrics go."""
 
-    jsonl: bool = True
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "vr1fast"
-    plot: bool = True
-    progress_bar: bool = True
+    jsonl: bool = True                    # <output_dir>/metrics.jsonl
+    tensorboard: bool = True              # <output_dir>/tensorboard
+    wandb: bool = False                   # needs the wandb package
+    wandb_project: str = "vr1fast"        # W&B project name
+    plot: bool = True                     # <output_dir>/metrics.png at the end (needs jsonl)
+    progress_bar: bool = True             # a progress bar on the terminal
 
 
 @dataclass
