@@ -187,6 +187,7 @@ def test_help_lists_every_section_key_and_preset():
         node = getattr(cfg, section.name)
         if dataclasses.is_dataclass(node):
             assert f"\n{section.name}: " in proc.stdout
+            assert set(field_docs(type(node))) == {key.name for key in dataclasses.fields(node)}  # each documented
             for key in dataclasses.fields(node):
                 assert f"  --{section.name}.{key.name} " in proc.stdout
     for name, preset in PRESETS.items():
