@@ -18,7 +18,7 @@ import torch.distributed as tdist
 import torch.distributed.distributed_c10d as c10d
 
 from vr1fast import dist
-from vr1fast.config import parse_args
+from vr1fast.cli import parse as parse_args
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.model.load import tiny_model

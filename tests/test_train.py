@@ -19,7 +19,8 @@ import torch
 
 from runs import comparable, small
 from vr1fast import ckpt
-from vr1fast.config import OptimConfig, parse_args
+from vr1fast.cli import parse as parse_args
+from vr1fast.config import OptimConfig
 from vr1fast.metrics import read_jsonl
 from vr1fast.optim import lr_factor
 from vr1fast.train import NonFiniteLossError, build, close, main, train

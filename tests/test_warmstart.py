@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from vr1fast.config import ConfigError, VideoConfig, demo, parse_args
+from vr1fast.cli import parse as parse_args
+from vr1fast.config import VideoConfig, demo
 from vr1fast.data.dataset import load_records
 from vr1fast.data.prompts import build_sft_messages, sft_target
 from vr1fast.data.synthetic import generate_synthetic
+from vr1fast.errors import ConfigError
 from vr1fast.model.load import load_weights, tiny_model
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE
 from vr1fast.warmstart import (assistant_loss, cache_key, cached_warm_start, collate_sft,
