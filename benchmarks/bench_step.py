@@ -5,7 +5,7 @@ each stage CUDA-synchronised at its edges (``metrics.StageTimer``), with tokens/
 tokens of the step / step time, the convention of verl and EasyR1).
 
 Inputs (both steps): one prompt per step, 16 random uint8 frames at Video-R1's 128·28·28 pixels per frame (a
-360×640 source through ``smart_resize``) held in memory (no decoding: ``vr1fast.train.load_media`` is replaced
+360×640 source through ``smart_resize``) held in memory (no decoding: ``vr1fast.data.loader.load_media`` is replaced
 for the run, and the Video-R1 step reads the same frames), multiple-choice and numerical questions (rewards that
 need no rouge), the same sample order and the same ``videor1`` config (G = 8 ordered + 4 shuffled, β = 0.04).
 
@@ -169,15 +169,15 @@ def config(args, out: Path, records: Path):
 
 @contextlib.contextmanager
 def frames_from_memory(frames_of: dict):
-    """``vr1fast.train.load_media`` returns the in-memory frames of a record's path for the block."""
-    import vr1fast.train as train
+    """``vr1fast.data.loader.load_media`` returns the in-memory frames of a record's path for the block."""
+    import vr1fast.data.loader as loader
 
-    saved = train.load_media
-    train.load_media = lambda path, data_type, cfg=None: frames_of[path]
+    saved = loader.load_media
+    loader.load_media = lambda path, data_type, cfg=None: frames_of[path]
     try:
         yield
     finally:
-        train.load_media = saved
+        loader.load_media = saved
 
 
 def set_depth(run, depth: int) -> None:

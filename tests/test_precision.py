@@ -11,7 +11,7 @@ import torch
 
 from vr1fast.config import DistConfig, parse_args
 from vr1fast.data.synthetic import generate_synthetic
-from vr1fast.dsconfig import deepspeed_config
+from vr1fast.dist.deepspeed import deepspeed_config
 from vr1fast.errors import ConfigError
 from vr1fast.model.load import tiny_model
 from vr1fast.precision import precision_plan

@@ -193,43 +193,6 @@ def verify(path: Path) -> Optional[str]:
 # ---------------------------------------------------------------- gathering
 
 
-def full_state_dict(policy: dist.Wrapped) -> dict[str, torch.Tensor]:
-    """The whole policy's weights under HF module keys, on CPU, on rank 0 (maybe empty elsewhere). Collective."""
-    if policy.strategy == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(policy.runner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif policy.zero_stage == 3:
-        sd = policy.engine._zero3_consolidated_16bit_state_dict() or {}
-    else:
-        sd = policy.runner.state_dict() if policy.engine is None else policy.engine.module.state_dict()
-    return _strip_runner_prefix({k: v.detach().cpu() for k, v in sd.items()})
-
-
-def _strip_runner_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Runner keys are ``model.<hf key>`` (``module.model.<hf key>`` through DDP)."""
-    return {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items()}
-
-
-def _optimizer_state(policy: dist.Wrapped) -> dict:
-    """FSDP2: the full FQN-keyed state on rank 0 (torch's helper; it first gives every parameter an Adam state).
-    Otherwise the optimizer's own state dict: the same build gives the same parameter order, and it is exact."""
-    if policy.strategy != "fsdp2":
-        return policy.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(policy.runner, policy.optimizer, options=opts)
-
-
-def _load_optimizer_state(policy: dist.Wrapped, state: dict, info: dist.DistInfo) -> None:
-    if policy.strategy != "fsdp2":
-        policy.optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    set_optimizer_state_dict(policy.runner, policy.optimizer, optim_state_dict=state if info.is_main else {},
-                             options=opts)
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -256,12 +219,8 @@ def save(root: Path, step: int, policy: dist.Wrapped, *, info: dist.DistInfo, pr
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    weights = full_state_dict(policy)
-    if policy.engine is not None:
-        policy.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-        trainer = None
-    else:
-        trainer = {"optimizer": _optimizer_state(policy), "scheduler": policy.scheduler.state_dict()}
+    weights = dist.full_state_dict(policy)
+    dist.save_state(policy, tmp, info)
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.is_main:
         policy.model.save_pretrained(tmp / "model", state_dict=weights)
@@ -270,8 +229,6 @@ def save(root: Path, step: int, policy: dist.Wrapped, *, info: dist.DistInfo, pr
             src = Path(source_dir or "") / name
             if source_dir and src.is_file() and not (tmp / "model" / name).exists():
                 shutil.copy2(src, tmp / "model" / name)
-        if trainer is not None:
-            torch.save(trainer, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": info.world_size}))
         (tmp / "config.yaml").write_text(config_text)
     dist.barrier()
@@ -313,13 +270,9 @@ def screen_deepspeed(folder: Path) -> None:
 def load(path: Path, policy: dist.Wrapped, *, info: dist.DistInfo) -> dict[str, Any]:
     """Restore optimizer, schedule (or the DeepSpeed engine) and this rank's RNG from ``path``; returns
     state.json. The weights were already loaded by building the policy from ``path / "model"``."""
-    if policy.engine is not None:
+    if (path / "deepspeed").is_dir():
         screen_deepspeed(path / "deepspeed")
-        policy.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
-    else:
-        trainer = safe_load(path / "trainer.pt")
-        _load_optimizer_state(policy, trainer["optimizer"], info)
-        policy.scheduler.load_state_dict(trainer["scheduler"])
+    dist.load_state(policy, path, info, safe_load)
     rng = path / f"rng_rank{info.rank}.pt"
     if rng.is_file():
         _set_rng_state(safe_load(rng))

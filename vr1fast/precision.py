@@ -2,7 +2,7 @@
 
 One function of the strategy and the resolved ``train.bf16`` (:func:`precision_plan`), read by every place that
 decides precision: ``train`` (the dtype both models are built in), ``dist`` (FSDP2's mixed precision, the
-autocast around every forward), ``dsconfig`` (DeepSpeed's bf16 block). It does not depend on the device, so
+autocast around every forward), ``dist.deepspeed`` (DeepSpeed's bf16 block). It does not depend on the device, so
 CPU tests run the GPU plan under CPU bf16 autocast.
 """
 from __future__ import annotations

@@ -20,7 +20,6 @@ scored on its own); the LM head runs on completion positions only and the vision
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import os
 import sys
@@ -39,7 +38,6 @@ from vr1fast.data.loader import next_prompts, run_records
 from vr1fast.data.errors import MediaError, RecordError
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.dsconfig import deepspeed_config, hf_deepspeed_config
 from vr1fast.metrics import Metrics, StageTimer, step_metrics, to_host
 from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import build_models, resolve_attn, text_hidden_size
@@ -74,7 +72,6 @@ class Run:
     metrics: Metrics
     total_steps: int
     last_checkpoint: Optional[Path] = None
-    keepalive: Any = None                            # HfDeepSpeedConfig under ZeRO-3 (HF generate reads it)
     resumed_from: Optional[Path] = None              # never deleted by train.save_total_limit
 
 
@@ -88,8 +85,8 @@ def _autocast(run: Run, wrapped: Optional[dist.Wrapped] = None):
 
 def _rollout(run: Run, pair, inputs: dict, seed: int):
     """Video-R1's two generate calls (``rollout.rollout``: G per prompt on the ordered batch, then the shuffled
-    video prompts; none when ``reward.temporal`` is off) in one ``dist.rollout_call``: sharded weights (FSDP2,
-    ZeRO-3) are gathered once per micro-batch, on every rank alike, whether or not it holds a video prompt."""
+    video prompts; none when ``reward.temporal`` is off) in one ``dist.rollout_call``: sharded weights are
+    gathered once per micro-batch, on every rank alike, whether or not it holds a video prompt."""
     cfg = run.cfg.rollout if run.cfg.reward.temporal else dataclasses.replace(run.cfg.rollout, num_shuffled=0)
     shuffled = None if pair.shuffled is None else pair.shuffled.to(run.info.device).model_inputs()
     with torch.no_grad(), _autocast(run):
@@ -115,7 +112,7 @@ def _shuffled_texts(run: Run, pair, completions, num_prompts: int) -> Optional[l
 
 def _policy_loss(model, inputs, completion_ids, lengths: list[int], advantages, ref_logprobs, cfg: Config):
     """Runs as the wrapped forward: the packed completion tokens' hidden states → GRPO loss (``rl.loss``).
-    ``lengths`` is a host list (a wrapper such as DDP would move a tensor argument to the device)."""
+    ``lengths`` is a host list (a wrapper may move a tensor argument to the device)."""
     rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations)
     return policy_loss(rows, advantages, ref_logprobs, cfg.loss, temperature=cfg.rollout.temperature,
                        max_completion_length=cfg.rollout.max_new_tokens)
@@ -260,29 +257,15 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     resume = ckpt.resolve(cfg.train.resume, cfg.train.output_dir, info)  # rank 0 verifies, all get its verdict
     bf16 = info.device.type == "cuda" if cfg.train.bf16 is None else cfg.train.bf16
     precision = precision_plan(info.strategy, bf16)
-    ds_config = keepalive = None
-    if info.strategy == "deepspeed":
-        ds_config = deepspeed_config(
-            cfg.dist, hidden_size=text_hidden_size(cfg.model), prompts_per_rank=cfg.train.prompts_per_rank,
-            grad_accum=cfg.train.grad_accum, world_size=info.world_size, max_grad_norm=cfg.optim.max_grad_norm,
-            precision=precision, optim=dataclasses.asdict(cfg.optim))
-    zero3 = ds_config is not None and ds_config["zero_optimization"].get("stage") == 3
-    if zero3 and cfg.train.prompts_per_rank > 1 and len({s.data_type for s in records}) > 1:
-        raise ConfigError("train.prompts_per_rank > 1 with images and videos mixed cannot run under DeepSpeed ZeRO-3 "
-                          "(ranks would run the vision tower a different number of times); use 1 or fsdp2")
-    if zero3 and cfg.model.path is not None:  # from_pretrained then builds the checkpoint partitioned (zero.Init)
-        keepalive = hf_deepspeed_config(ds_config)
+    plan = dist.prepare(cfg, info, precision, {r.data_type for r in records}, text_hidden_size(cfg.model))
     attn = resolve_attn(cfg.model.attn_implementation, info.device)  # FA2 on a GPU with flash-attn, else SDPA
     policy_model, ref_model, tokenizer = models or _models(cfg, precision, attn, resume)
     resolved = {"precision": precision.describe(), "attention": policy_model.config._attn_implementation}
     dist.print0(f"vr1fast: {resolved['precision']}; attention {resolved['attention']}")
-    if zero3 and keepalive is None:  # the tiny model is built whole, as under every other strategy
-        keepalive = hf_deepspeed_config(ds_config)  # transformers' ZeRO-3 checks read it
     policy = dist.wrap_policy(
-        policy_model, info, cfg.dist, precision=precision, ds_config=ds_config,
+        policy_model, info, cfg.dist, precision=precision, plan=plan,
         make_optimizer=optim.optimizer_factory(cfg.optim), make_scheduler=optim.scheduler_factory(cfg.optim, total))
-    ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision,
-                                                             ds_config=ds_config)
+    ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision, plan=plan)
     state = TrainState()
     if resume:
         saved = ckpt.load(resume, policy, info=info)
@@ -292,20 +275,14 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     if info.is_main:
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
     run = Run(cfg, info, tokenizer, policy, ref, records, Sampler(len(records), cfg.train.seed, cfg.data.shuffle),
-              metrics, total, resume, keepalive, resume)
+              metrics, total, resume, resume)
     return run, state
 
 
 def close(run: Run) -> Optional[Path]:
     """Close the metric sinks (writes the plot on rank 0) and tear the process group down."""
     plot = run.metrics.close()
-    if run.policy.strategy == "ddp":  # free DDP's reducer while its process group exists (a rank hung at exit)
-        run.policy.runner = None
-        gc.collect()
-    dist.teardown(run.info)
-    if run.keepalive is not None:
-        from transformers.integrations import unset_hf_deepspeed_config
-        unset_hf_deepspeed_config()
+    dist.close(run.info, run.policy, run.ref)
     return plot
 
 
