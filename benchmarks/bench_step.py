@@ -155,7 +155,7 @@ def random_frames(video_cfg) -> torch.Tensor:
 
 
 def config(args, out: Path, records: Path):
-    from vr1fast.config import parse_args
+    from vr1fast.cli import parse as parse_args
 
     common = [f"--train.output_dir={out}", "--train.max_steps=1000000", "--train.save_every=1000000",
               "--train.prompts_per_rank=1", "--metrics.jsonl=false", "--metrics.tensorboard=false",

@@ -9,7 +9,8 @@ CPU bf16 autocast (``--train.bf16=true``). This file runs the single-process str
 import pytest
 import torch
 
-from vr1fast.config import DistConfig, parse_args
+from vr1fast.cli import parse as parse_args
+from vr1fast.config import DistConfig
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.dist.deepspeed import deepspeed_config
 from vr1fast.errors import ConfigError

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from vr1fast import dist
-from vr1fast.config import ConfigError
+from vr1fast.errors import ConfigError
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -268,15 +268,3 @@ def validate(cfg: Config) -> None:
     unknown = set(cfg.reward.reward_funcs) - {"accuracy", "format"}
     if unknown:
         raise ConfigError(f"reward.reward_funcs: unknown reward function(s) {sorted(unknown)}")
-
-
-def parse_args(argv: list[str] | None) -> Config:
-    """The old name of :func:`vr1fast.cli.parse`, kept until ``train.py`` imports it from there."""
-    from vr1fast.cli import parse
-    return parse(argv)
-
-
-def to_yaml(cfg: Config) -> str:
-    """The old place of :func:`vr1fast.cli.to_yaml`, kept until ``train.py`` imports it from there."""
-    from vr1fast.cli import to_yaml as dump
-    return dump(cfg)

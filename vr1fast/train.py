@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,13 +30,14 @@ from typing import Any, Optional
 import torch
 import transformers
 
-from vr1fast import ckpt, dist, optim
-from vr1fast.config import Config, ConfigError, parse_args, to_yaml
+from vr1fast import ckpt, cli, dist, optim
+from vr1fast.cli import to_yaml
+from vr1fast.config import Config
 from vr1fast.data.dataset import Position, Records, Sample, Sampler
 from vr1fast.data.loader import next_prompts, run_records
-from vr1fast.data.errors import MediaError, RecordError
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
+from vr1fast.errors import NonFiniteLossError, RecordError
 from vr1fast.metrics import Metrics, StageTimer, step_metrics, to_host
 from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import build_models, resolve_attn, text_hidden_size
@@ -46,10 +46,6 @@ from vr1fast.rl.advantages import score_batch
 from vr1fast.rl.loss import completion_logprobs, policy_loss
 from vr1fast.rollout import rollout
 from vr1fast.warmstart import configured_warm_start
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm is NaN/inf; raised before the update, so the last checkpoint stays valid."""
 
 
 @dataclass
@@ -286,33 +282,31 @@ def close(run: Run) -> Optional[Path]:
     return plot
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Parse, build, train, close. Expected failures print one line naming the cause and exit non-zero."""
+def run(cfg: Config) -> int:
+    """Build, train, close; 143 when stopped by SIGTERM (after saving), else 0."""
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every checkpoint
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        run, state = build(cfg)
-        dist.print0(f"vr1fast: preset {cfg.preset}, {run.info.strategy} on {run.info.world_size} × "
-                    f"{run.info.device.type}, {len(run.records)} records, steps {state.step + 1}..{run.total_steps}, "
-                    f"output {cfg.train.output_dir}")
-        train(run, state)
-        plot = close(run)
-    except (ConfigError, MediaError, RecordError, NonFiniteLossError, FileNotFoundError) as e:
-        dist.abort()
-        rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
-        if rank == "0" or not isinstance(e, ConfigError):  # a config error is the same on every rank
-            where = f" (rank {rank})" if world > 1 and not isinstance(e, ConfigError) else ""
-            print(f"vr1fast.train: error{where}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
-    if state.step < run.total_steps:  # stopped by SIGTERM, after saving
+    run, state = build(cfg)
+    dist.print0(f"vr1fast: preset {cfg.preset}, {run.info.strategy} on {run.info.world_size} × "
+                f"{run.info.device.type}, {len(run.records)} records, steps {state.step + 1}..{run.total_steps}, "
+                f"output {cfg.train.output_dir}")
+    train(run, state)
+    plot = close(run)
+    if state.step < run.total_steps:
         if run.info.is_main:
             print(f"vr1fast.train: SIGTERM: stopped after step {state.step}, checkpoint {run.last_checkpoint}; "
                   f"continue with --train.resume=auto", file=sys.stderr, flush=True)
-        raise SystemExit(143)
+        return 143
     if run.info.is_main:
         print(f"done: {run.total_steps} steps in {time.perf_counter() - started:.0f} s; metrics "
               f"{run.metrics.jsonl_path}, plot {plot}, checkpoint {run.last_checkpoint}", flush=True)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m vr1fast.train [ARGS]``: expected failures print one line naming the cause and exit non-zero
+    (``cli.run_main``); ``--help`` lists every key."""
+    cli.run_main(run, argv, "vr1fast.train")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig
 from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
-from vr1fast.config import ConfigError, ModelConfig
+from vr1fast.config import ModelConfig
+from vr1fast.errors import ConfigError
 from vr1fast.model.qwen import TINY_TEXT, TINY_VISION
 from vr1fast.model.rope import RopePositions, use_rope_positions
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
