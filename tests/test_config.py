@@ -23,7 +23,7 @@ def test_no_argument_is_the_demo_preset():
 
 
 def test_videor1_preset_has_the_video_r1_constants():
-    """Values copied from Video-R1's run_grpo_video.sh / grpo_trainer.py (reference/video-r1.md §0, §7)."""
+    """Values copied from Video-R1's run_grpo_video.sh / grpo_trainer.py (docs/video-r1.md §0, §7)."""
     cfg = parse_args(["--preset", "videor1"])
     assert (cfg.rollout.num_generations, cfg.rollout.shuffled_samples()) == (8, 4)
     assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 0.95)

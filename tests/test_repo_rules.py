@@ -5,6 +5,7 @@ the test fails when one of them is back under it, so the list only shrinks."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,13 @@ def test_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_cited_documents_exist():
+    """A ``*.md`` file a module cites (``docs/kernels.md §7``) is in the repository, so a reader can open it."""
+    missing = {}
+    for path in MODULES.values():
+        for cited in re.findall(r"[\w./-]+\.md\b", path.read_text()):
+            if not (ROOT / cited).is_file():
+                missing.setdefault(_rel(path), []).append(cited)
+    assert not missing, missing

@@ -1,4 +1,4 @@
-"""Record loading and validation (reference/video-r1.md §5) and the resumable sampler."""
+"""Record loading and validation (docs/video-r1.md §5) and the resumable sampler."""
 import json
 import logging
 import os

@@ -34,7 +34,7 @@ def test_video_layout_matches_closed_form_gather():
     pv, grid = video_to_patches(frames)
     gt, gh, gw = t // 2, h // 14, w // 14
     assert grid.tolist() == [gt, gh, gw] and pv.shape == (gt * gh * gw, 1176) and pv.dtype == torch.float32
-    # every (row, col) from the closed form of reference/video-decoding.md §2, in float64
+    # every (row, col) from the closed form of docs/video-decoding.md §2, in float64
     r = np.arange(pv.shape[0])[:, None]
     k = np.arange(1176)[None, :]
     mw, mh, bw, bh, tt = r % 2, (r // 2) % 2, (r // 4) % (gw // 2), (r // (4 * (gw // 2))) % (gh // 2), r // (gh * gw)

@@ -1,4 +1,4 @@
-"""Prompt texts against literal strings typed from reference/video-r1.md §4 (not imported from the module)."""
+"""Prompt texts against literal strings typed from docs/video-r1.md §4 (not imported from the module)."""
 import pytest
 
 from vr1fast.data.dataset import Sample

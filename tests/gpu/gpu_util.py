@@ -2,7 +2,7 @@
 
 House rule 3: a kernel's error against the float64 reference (``reference.py`` on upcast inputs) is at most twice
 the error torch gets in the same dtype (the reference run on the same 16-bit inputs), plus ``floor`` where both
-are fp32-level (then kernels.md §7.5's absolute bars apply).
+are fp32-level (then docs/kernels.md §7.5's absolute bars apply).
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def test_linear_logprobs_qwen_bf16(head):
     exact = head_run(reference.linear_logprobs, x.bfloat16(), w.bfloat16(), idx, torch.float64, up, temperature=0.7)
     assert (ours[0] <= 0).all()
     within_torch(ours, exact, torch_bf16, ("logp", "entropy", "dX", "dW"), floor=1e-5)
-    for got, want in zip(ours[2:], exact[2:]):  # verl's gates (kernels.md §7.5)
+    for got, want in zip(ours[2:], exact[2:]):  # verl's gates (docs/kernels.md §7.5)
         torch.testing.assert_close(got, want, rtol=4e-2, atol=2e-2)
     with torch.no_grad():  # the no-grad (reference / old policy) path gives the same log-probs
         logp = logprobs_fn(head)(x.bfloat16(), w.bfloat16(), idx, 0.7)

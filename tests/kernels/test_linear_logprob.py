@@ -56,7 +56,8 @@ def test_logprobs_entropy_and_grads_match_float64(dtype):
     assert err[0] < 2e-5 and err[1] < 2e-5
     torch_err = _max_err(_run(reference.linear_logprobs, x, w, idx, dtype, upstream, temperature=T_ODD), exact)
     assert err[0] < torch_err[0] and err[1] < torch_err[1]
-    # ... and gradients (rounded to the input dtype) stay within 2x torch's error and verl's gates (kernels.md §7.5).
+    # ... and gradients (rounded to the input dtype) stay within 2x torch's error and verl's gates
+    # (docs/kernels.md §7.5).
     for k in (2, 3):
         assert err[k] <= 2 * torch_err[k], (k, err[k], torch_err[k])
         torch.testing.assert_close(ours[k], exact[k], rtol=4e-2, atol=2e-2)
@@ -277,8 +278,8 @@ def test_entropy_only_when_asked_for():
 
 
 def test_fp32_inputs_under_cpu_autocast_run_the_bf16_head():
-    """fp32 master weights under bf16 autocast (one GPU / DDP): the head runs on bf16 copies (kernel-audit F1), as
-    cuBLAS calls under autocast would, and the gradients come back in fp32."""
+    """fp32 master weights under bf16 autocast (one GPU / DDP): the head runs on bf16 copies
+    (docs/kernel-audit.md F1), as cuBLAS calls under autocast would, and the gradients come back in fp32."""
     x, w, idx = _inputs(17, 24, 130, torch.float32, seed=22)
     h, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -145,7 +145,7 @@ def test_worst_case_need_is_exact():
 
 def test_pool_size_from_memory():
     per_page = page_bytes(num_layers=28, page_size=16, kv_heads=4, head_dim=128, dtype=torch.bfloat16)
-    assert per_page == 16 * 57344                      # 56 KiB per token for Qwen2.5-VL-7B (kv-sharing.md §2.1)
+    assert per_page == 16 * 57344                      # 56 KiB per token for Qwen2.5-VL-7B (docs/kv-sharing.md §2.1)
     assert pages_for_memory(10 * per_page + per_page // 2, 1.0, per_page) == 10
     assert pages_for_memory(10 * per_page, 0.5, per_page) == 5
     with pytest.raises(ValueError, match="fraction"):

@@ -1,7 +1,7 @@
 """Video-R1-260k / Video-R1-COT-165k records → validated :class:`Sample`\\ s, and a resumable sampler.
 
 A file is one JSON list (Video-R1's ``.json``) or JSON Lines. Every record is checked on load (schema of
-``reference/video-r1.md`` §5): ``problem`` (non-empty string), ``data_type`` ∈ {image, video}, ``problem_type``
+``docs/video-r1.md`` §5): ``problem`` (non-empty string), ``data_type`` ∈ {image, video}, ``problem_type``
 ∈ the five types, ``options`` (a non-empty list of strings for multiple choice; absent, null or a list of strings
 otherwise), ``solution`` (a string holding a non-empty ``<answer>…</answer>``), ``path`` (a string; resolved against
 the media root, ``"./X/y.mp4"`` → ``root/X/y.mp4``, and the file must exist), ``problem_id`` (int or string,

@@ -1,6 +1,6 @@
 """Frames → Qwen2.5-VL model inputs: pixel patches in the HF layout, expanded prompt ids, a left-padded batch.
 
-Patch layout (``reference/video-decoding.md`` §2, identical to HF's Qwen2-VL image/video processors): frames
+Patch layout (``docs/video-decoding.md`` §2, identical to HF's Qwen2-VL image/video processors): frames
 F[t, y, x, c] (uint8, H and W multiples of 28, T even) become ``pixel_values [N, 1176]`` with
 N = grid_t·grid_h·grid_w, grid_t = T/2, grid_h = H/14, grid_w = W/14 and
 

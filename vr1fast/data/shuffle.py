@@ -4,7 +4,7 @@ Video-R1 draws ``torch.randperm(T)`` over single frames once per prompt and step
 which re-pairs the shuffled frames into 2-frame temporal patches (``mode="frame"``, the default). ``mode="pair"``
 permutes whole 2-frame groups instead, so each temporal patch keeps its two frames in order and the vision
 encoder's output for the shuffled video is a block permutation of the ordered one (the ViT never mixes temporal
-groups; ``reference/kv-sharing.md`` §2.3).
+groups; ``docs/kv-sharing.md`` §2.3).
 
 Deliberate deviation from Video-R1: ``randperm`` returns the identity with probability 1/T! (1/24 for 4 frames;
 1/2 for 2 frames), in which case Video-R1's "shuffled" branch sees the ordered video and the temporal bonus

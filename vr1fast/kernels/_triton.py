@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The interpreter stores bf16 as uint16: every bf16 load must be upcast before arithmetic (environment.md §2).
+# The interpreter stores bf16 as raw uint16 bits (triton 3.9): every bf16 load is upcast before arithmetic.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -50,7 +50,7 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     calls under autocast would be; unchanged when autocast is off there or they are not floating point.
 
     A custom ``autograd.Function`` is outside autocast's reach (and ``custom_fwd(device_type="cuda")`` ignores CPU
-    autocast), so without this fp32 master weights under bf16 autocast would run the head in fp32 (kernel-audit
+    autocast), so without this fp32 master weights under bf16 autocast would run the head in fp32 (docs/kernel-audit.md
     F1). The cast is differentiable: gradients come back in the tensors' own dtype."""
     dtype = autocast_dtype(tensors[0].device)
     if dtype is None:

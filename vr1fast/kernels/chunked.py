@@ -4,8 +4,8 @@ Maths as ``linear_logprob.py`` (one token: hidden x [H], head W [V, H], target y
 s = z / T, ℓ = s_y − lse(s)); loss and cfg keys as ``reference.grpo_loss_from_logprobs``. Matches
 ``reference.linear_logprobs`` / ``reference.linear_grpo_loss`` (the float64 references of the tests).
 
-Design (kernel-audit F2: the recompute design does 8NHV where 6NHV is useful, so it cannot pass 75% of the cuBLAS
-rate; Liger's chunked loss and FLCE compute the gradient in the forward instead). For each chunk of C rows:
+Design (docs/kernel-audit.md F2: the recompute design does 8NHV where 6NHV is useful, so it cannot pass 75% of the
+cuBLAS rate; Liger's chunked loss and FLCE compute the gradient in the forward instead). For each chunk of C rows:
   1. logits = X_c Wᵀ on cuBLAS with fp32 output [C, V] (exact products of the 16-bit operands, fp32 sums; the
      logits are never rounded to 16 bits, unlike torch eager / liger, so log-probs are fp32-exact);
   2. the GRPO loss kernel (``grpo._grpo_fwd_kernel``, token level) reads each row once for lse and ℓ and writes

@@ -11,7 +11,7 @@ Shapes and dtypes: hidden [..., H], weight [V, H] (both fp32, bf16 or fp16, same
 (``requires_grad=False``, e.g. LoRA) skips the dW GEMM. bf16/fp16 GEMMs accumulate in fp32 and the logits are never
 rounded; fp32 inputs use 3xTF32 dots (≈fp32 accuracy on tensor cores; the model's head itself runs bf16).
 
-Design (chosen over the alternatives in reference/kernels.md §7.2; no GPU was available while writing it, so the
+Design (chosen over the alternatives in docs/kernels.md §7.2; no GPU was available while writing it, so the
 choices rest on FLOP/byte counts and on the sm_90 compiler's output — registers, spills, shared memory, pipelined
 loads — checked by the AOT test; the tile shape is autotuned on the GPU and benchmarks/ measures the rest):
 * Forward: one Triton kernel over (token block × vocab split of SPLIT_V columns). Each program runs the bf16 tile
@@ -51,9 +51,9 @@ GROUP_M = 8  # token blocks per L2 group (see _grouped)
 DZ_FRACTION = 6  # the backward's dz chunk buffer holds at most 1/DZ_FRACTION of the weight's bytes
 # GPU tiles (H100, wgmma-sized), autotuned once per H and dtype; fp32 inputs get their own tile (4-byte operands:
 # fewer stages fit the 227 KB of shared memory). The interpreter runs one small tile so the CPU tests stay fast.
-# The forward's 128×256 tile spilled 117 registers at sm_90 (kernel-audit F5), so the forward keeps 128×128 and
-# needs no tuning; the backward's choice is cached on disk (``cache_results``), so only a machine's first run
-# times the two tiles, not step 1 of every run on every rank (kernel-audit F10).
+# The forward's 128×256 tile spilled 117 registers at sm_90 (docs/kernel-audit.md F5), so the forward keeps
+# 128×128 and needs no tuning; the backward's choice is cached on disk (``cache_results``), so only a machine's
+# first run times the two tiles, not step 1 of every run on every rank (docs/kernel-audit.md F10).
 TILES_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),

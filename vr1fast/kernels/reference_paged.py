@@ -12,8 +12,8 @@ Attention of query q over keys/values (k_t, v_t), t < n, as partial state (o, ls
 (natural log; n = 0 gives o = 0, lse = −inf). Two partial states over disjoint key sets merge exactly:
     lse = log(exp(lse_a) + exp(lse_b)),   o = exp(lse_a − lse) · o_a + exp(lse_b − lse) · o_b
 (with the max subtracted first; both empty stays o = 0, lse = −inf). The cascade decode is this merge of a prefix
-state and a suffix state (Hydragen, FlashInfer's ``merge_state``; kv-sharing.md §7): sample i of group g(i) attends
-to its group's prompt (prefix page table row g(i), ``prefix_lens[g(i)]`` tokens) and then to its own tokens (its
+state and a suffix state (Hydragen, FlashInfer's ``merge_state``; docs/kv-sharing.md §7): sample i of group g(i)
+attends to its group's prompt (prefix page table row g(i), ``prefix_lens[g(i)]`` tokens) and then to its own tokens (its
 suffix page table row, ``suffix_lens[i]`` tokens, the current token included) — the same as one softmax over
 prompt ‖ own tokens, with the prompt pages read once per group by a kernel that packs siblings' queries.
 

@@ -16,7 +16,7 @@ left-padded prompt length, L the completion length, H the hidden size, V the voc
 
 ``completion_rows`` packs those hidden states into the record the head runs on (``CompletionRows``): the real
 completion tokens only, sequence after sequence, with offsets, so that no head work is spent on the padding after
-each completion's end (kernel-audit F3: ~40-50% of the head at Video-R1's lengths, mean ≈ 390 of 768). The
+each completion's end (docs/kernel-audit.md F3: ~40-50% of the head at Video-R1's lengths, mean ≈ 390 of 768). The
 prompt-once forward of a later issue produces this record directly.
 
 ``completion_logprobs_reference`` is Video-R1's path, the baseline the fast path is tested against: every
@@ -72,7 +72,8 @@ def prompt_embeds(model, inputs: Mapping[str, Tensor]) -> Tensor:
 
 
 def prompt_positions(model, inputs: Mapping[str, Tensor]) -> Tensor:
-    """M-RoPE positions of the left-padded prompts, [3, B, P] (padding positions are filler: 1 under Video-R1 positions, 0 under 5.x), as HF's ``get_rope_index``."""
+    """M-RoPE positions of the left-padded prompts, [3, B, P], as HF's ``get_rope_index`` (padding positions are
+    filler: 1 under Video-R1 positions, 0 under 5.x)."""
     positions, _ = model.model.get_rope_index(
         inputs["input_ids"], _require(inputs, "mm_token_type_ids"), image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),

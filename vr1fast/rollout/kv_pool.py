@@ -4,7 +4,7 @@ A *page* holds ``page_size`` consecutive token slots of every layer's K and V; s
 ``p · page_size + s``. The pool's tensors are ``k, v: [num_layers, num_pages, page_size, kv_heads, head_dim]``
 (layer l's cache is ``k[l]``, which the paged attention of ``kernels.reference_paged`` reads).
 
-Sequences (the cascade layout of ``reference/kv-sharing.md`` §7): a *prompt* sequence owns fresh pages holding its
+Sequences (the cascade layout of ``docs/kv-sharing.md`` §7): a *prompt* sequence owns fresh pages holding its
 tokens; ``fork(prompt, G)`` makes G *sample* sequences that share all of the prompt's pages, read-only, as their
 prefix (the pages' ref counts rise by G, nothing is copied), and own no page yet. A sample's tokens go on its own
 fresh pages, never on the prompt's last, partly filled page; attention reads the prompt pages (prefix page table
@@ -26,7 +26,8 @@ A holder is a live sequence: a page's ref count is the number of live sequences 
 prefix), so a prompt may be freed right after its fork while its samples keep its pages. A page goes back to the
 free list (LIFO) when its last holder is freed. Errors are ValueErrors naming the sequence or page; running out of
 pages raises ``PoolTooSmall``. ``pages_needed`` + ``check_fits`` raise it before a rollout starts, from the worst
-case (every sample reaching max_new_tokens), so a batch that cannot fit fails with one line instead of an out-of-memory error deep inside decode.
+case (every sample reaching max_new_tokens), so a batch that cannot fit fails with one line instead of an
+out-of-memory error deep inside decode.
 """
 from __future__ import annotations
 
