@@ -160,7 +160,11 @@ def test_every_readme_command_parses_or_fails_as_the_readme_says(monkeypatch, ca
     recorded = {tuple(argv): diff for argv, diff in SAME_CONFIG}
     assert len(commands) >= 5 and [] in [argv for argv, _ in commands]
     for argv, comment in commands:
-        if comment.startswith("vr1fast.train: error:"):
+        if argv == ["--help"]:
+            with pytest.raises(SystemExit) as e:
+                parse(argv, "vr1fast.train")
+            assert e.value.code == 0 and "--train.max_steps" in capsys.readouterr().out
+        elif comment.startswith("vr1fast.train: error:"):
             with pytest.raises(SystemExit) as e:
                 run_main(lambda cfg: None, argv, "vr1fast.train")
             assert e.value.code == 2
