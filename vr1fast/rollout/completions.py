@@ -1,5 +1,5 @@
 """Engine-neutral rollout records: sampled completions, their lengths and masks, stop and pad ids, and the seeded-RNG
-helper every rollout engine uses (``rollout.hf`` today; the shared-KV engine next).
+helper every rollout engine uses (``rollout.hf``, ``rollout.engine``).
 
 A completion ends at its first stop token, which it includes; every id after it is the pad id. Rows are
 prompt-major: row b·S + s is sample s of prompt b, as HF's ``num_return_sequences`` orders them.
@@ -18,6 +18,8 @@ class Completions(NamedTuple):
 
     ids: Tensor        # int64 [B·S, L]; L = the longest completion; pad id after the first stop token
     lengths: Tensor    # int64 [B·S]: tokens up to and including the first stop token (L when there is none)
+    logprobs: Optional[Tensor] = None  # float32 [B·S, L]: each sampled token's log-prob under log_softmax(z / T),
+    # before top-k/top-p; 0 after each length. The paged engine fills it; the HF engine leaves None
 
     @property
     def mask(self) -> Tensor:
