@@ -1,24 +1,32 @@
-"""Builds the C++ sources under csrc/ when there are any; VR1FAST_SKIP_CSRC=1 skips them.
+"""Builds csrc/ (the C++ block manager) into ``vr1fast/_C*.so``; VR1FAST_SKIP_CSRC=1 skips it.
 
+The library has a plain C interface (``csrc/c_api.cpp``) that ``vr1fast.rollout.block_manager`` loads with ctypes:
+no torch and no Python headers, and the C++ runtime linked in statically, so one binary loads under any torch or
+Python version and needs only libc. It is an optional extension: where it does not build (no C++ compiler, not
+Linux), the install goes on and the Python block manager runs instead, saying so in one line.
 Everything else (metadata, dependencies) lives in pyproject.toml.
 """
 import os
+import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
+CSRC = HERE / "csrc"
 
 
-def _ext_modules():
-    sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
-    if not sources or os.environ.get("VR1FAST_SKIP_CSRC", "0") == "1":
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+def _ext_modules() -> list:
+    sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cpp"))
+    if not sources or os.environ.get("VR1FAST_SKIP_CSRC", "0") == "1" or not sys.platform.startswith("linux"):
+        return []
+    exports = CSRC / "exports.map"
+    return [Extension(
+        "vr1fast._C", sources, language="c++", optional=True,
+        depends=[str(p.relative_to(HERE)) for p in (*CSRC.glob("*.h"), exports)],
+        extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
+        extra_link_args=["-static-libstdc++", "-static-libgcc", f"-Wl,--version-script={exports}"],
+    )]
 
-    ext = CppExtension("vr1fast._C", sources, extra_compile_args=["-O3", "-std=c++17"])
-    return [ext], {"build_ext": BuildExtension}
 
-
-ext_modules, cmdclass = _ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=_ext_modules())
