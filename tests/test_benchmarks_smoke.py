@@ -115,3 +115,29 @@ def test_refuses_without_gpu(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "bench_grpo_loss.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_bench_rollout_cpu_smoke(tmp_path):
+    """bench_rollout.py: both engines timed with tokens/s and peak memory, and the prompt-KV bytes per decode step
+    counted from page tables: at Video-R1's 7B shape (8 prompts of 1229 tokens, G = 8 + 4) the cascade reads each
+    prompt once per step (8 × 1229 tokens of 56 KiB, rounded up to 16-token pages), per-sample reading 48 times."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_rollout.py"), "--cpu-smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "rollout.csv").open() as f:
+        assert next(csv.reader(f)) == _harness.FIELDS
+    by = {(r["case"], r["impl"]): r for r in csv.DictReader((tmp_path / "rollout.csv").open())}
+    for engine in ("hf", "paged"):
+        r = by[("rollout", engine)]
+        assert 0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) and r["unit"] == "tok/s", r
+        assert float(r["rate"]) == pytest.approx(int(r["N"]) / float(r["ms_p50"]) * 1e3, rel=1e-3) and r["N"] == "32"
+        assert float(r["peak_gib"]) > 0 and r["gpu"] == "cpu (smoke)" and r["commit"], r
+    page_bytes = 16 * 2 * 28 * 4 * 128 * 2
+    kv = {impl: float(by[("prompt_kv_read_per_step_7b", impl)]["rate"]) * 1e6 for impl in
+          ("paged_cascade", "paged_per_sample", "hf")}
+    assert kv["paged_cascade"] == pytest.approx(8 * 77 * page_bytes, rel=1e-3)  # ⌈1229 / 16⌉ = 77 pages
+    assert kv["paged_per_sample"] == pytest.approx(48 * 77 * page_bytes, rel=1e-3)
+    assert kv["hf"] == pytest.approx(48 * 1229 * page_bytes / 16, rel=1e-3)
+    small = {impl: float(by[("prompt_kv_read_per_step", impl)]["rate"]) for impl in ("paged_cascade",
+                                                                                     "paged_per_sample")}
+    assert small["paged_per_sample"] == pytest.approx(2 * small["paged_cascade"], rel=1e-3)  # G = 2
