@@ -1,4 +1,6 @@
-"""Public kernel API: log-probs and the GRPO loss, dispatched to Triton or to the pure-torch reference.
+"""Public kernel API: log-probs and the GRPO loss, dispatched to Triton or to the pure-torch reference; the paged
+attention of the rollout engine through ``implementation(name, device=...)`` (Triton ``attention.py`` on CUDA,
+``reference_paged.py`` elsewhere).
 
 Which implementation runs (per call, from the first tensor argument and ``VR1FAST_IMPL``):
   * ``VR1FAST_IMPL=reference`` → ``kernels/reference.py`` everywhere;
@@ -31,7 +33,15 @@ TRITON: dict[str, str] = {
     "grpo_loss": "vr1fast.kernels.grpo",  # not grpo_loss.py: importing it would shadow the function here
     "linear_logprobs": HEADS["chunked"],
     "linear_grpo_loss": HEADS["chunked"],
+    "paged_append": "vr1fast.kernels.attention",
+    "paged_attention_state": "vr1fast.kernels.attention",
+    "cascade_decode_attention": "vr1fast.kernels.attention",
+    "prefill_attention": "vr1fast.kernels.prefill",
 }
+# public name -> module holding its pure-torch reference when that is not ``reference.py``.
+REFERENCE: dict[str, str] = {name: "vr1fast.kernels.reference_paged" for name in (
+    "paged_append", "paged_attention_state", "merge_attention_states", "cascade_decode_attention",
+    "prefill_attention")}
 
 
 def implementation(name: str, impl: Optional[str] = None, device: Optional[str] = None,
@@ -44,7 +54,7 @@ def implementation(name: str, impl: Optional[str] = None, device: Optional[str] 
     if impl == "auto":
         impl = "triton" if device == "cuda" and name in TRITON else "reference"
     if impl == "reference":
-        return getattr(reference, name)
+        return getattr(importlib.import_module(REFERENCE[name]) if name in REFERENCE else reference, name)
     if name not in TRITON:
         raise NotImplementedError(f"vr1fast.kernels.{name} has no Triton implementation")
     module = TRITON[name]
