@@ -141,3 +141,27 @@ def test_bench_rollout_cpu_smoke(tmp_path):
     small = {impl: float(by[("prompt_kv_read_per_step", impl)]["rate"]) for impl in ("paged_cascade",
                                                                                      "paged_per_sample")}
     assert small["paged_per_sample"] == pytest.approx(2 * small["paged_cascade"], rel=1e-3)  # G = 2
+
+
+def test_bench_attention_cpu_smoke(tmp_path):
+    """bench_attention.py: every implementation timed per (suffix case, groups), the prompt-KV MB per step counted
+    (the cascade reads each prompt once per group, the others once per sample: 2 siblings → half), and the cascade's
+    speed-up over the unshared kernel noted."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_attention.py"), "--cpu-smoke", "--n", "2,1", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "attention.csv").open()))
+    impls = ["vr1fast_unshared", "vr1fast_cascade", "torch_sdpa", "vr1fast_reference"]
+    assert {(r["case"], r["impl"], r["N"]) for r in rows} == {
+        (f"decode_s{s}", i, n) for s in (0, 9) for i in impls for n in ("1", "2")}
+    by = {(r["case"], r["impl"], r["N"]): r for r in rows}
+    for r in rows:
+        assert float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) and float(r["rate"]) > 0, r
+        assert r["gpu"] == "cpu (smoke)" and r["unit"] == "GB/s" and r["note"].startswith("prompt KV "), r
+    for n in ("1", "2"):
+        mb = {i: float(by[("decode_s0", i, n)]["note"].split()[2]) for i in impls}
+        token = 2 * 16 * 2 * 2  # K and V of 2 KV heads × 16 dims in bf16
+        assert mb["vr1fast_cascade"] == pytest.approx(int(n) * 23 * token / 1e6, rel=1e-3)  # groups × prompt
+        assert mb["vr1fast_unshared"] == mb["torch_sdpa"] == pytest.approx(2 * mb["vr1fast_cascade"], rel=1e-3)
+        assert "x vr1fast_unshared" in by[("decode_s9", "vr1fast_cascade", n)]["note"]
+    assert (tmp_path / "attention.png").stat().st_size > 10_000
