@@ -65,7 +65,7 @@ SAME_CONFIG = [  # (argv, the fields that differ from the preset it names), reco
     (["--optim.betas", "[0.8, 0.95]", "--reward.reward_funcs=[format]", "--video.fps=1e1", "--optim.lr=3e-5"],
      {"video.fps": 10.0, "reward.reward_funcs": ["format"], "optim.lr": 3e-05, "optim.betas": [0.8, 0.95]}),
     (["--preset", "demo", "--model.path=/m", "--model.warmstart_steps=0", "--rollout.engine=hf"],
-     {"model.path": "/m", "model.warmstart_steps": 0}),
+     {"model.path": "/m", "model.warmstart_steps": 0, "rollout.engine": "hf"}),
     (["--config", "configs/videor1_7b.yaml"], YAML_7B),
     (["--config", "configs/videor1_7b.yaml", "--train.max_steps=50", "--rollout.num_generations=4"],
      {**YAML_7B, "rollout.num_generations": 4, "train.max_steps": 50}),
@@ -95,7 +95,7 @@ SAME_ERROR = [  # (argv, the ConfigError message), recorded with the parser befo
     (["--train.max_steps"], "--train.max_steps needs a value (--train.max_steps=VALUE)"),
     (["--loss.num_iterations=2"], "unknown config key 'loss.num_iterations' (known here: beta, delta, epsilon_high, "
                                   "epsilon_low, head, impl, importance_sampling_level, kl_clamp, loss_type)"),
-    (["--rollout.engine=fast"], "rollout.engine: 'fast' is not one of ['hf']"),
+    (["--rollout.engine=fast"], "rollout.engine: 'fast' is not one of ['auto', 'hf', 'paged']"),
     (["--train.bf16=None"], "train.bf16: expected true/false, got 'None'"),
     (["--loss.delta=None"], "loss.delta: expected a number, got 'None'"),
     (["--optim.betas=0.9"], "optim.betas: expected a list, got 0.9"),

@@ -122,7 +122,7 @@ def test_config_holds_only_what_works():
     from vr1fast.kernels.reference import DEFAULTS
     from vr1fast.rollout import ENGINES
 
-    assert typing.get_args(typing.get_type_hints(RolloutConfig)["engine"]) == ENGINES
+    assert typing.get_args(typing.get_type_hints(RolloutConfig)["engine"]) == ("auto", *ENGINES)
     assert {k: DEFAULTS[k] for k in LossConfig().kernel_kwargs()} == LossConfig().kernel_kwargs()
     with pytest.raises(ConfigError, match="rollout.engine"):
         parse_args(["--rollout.engine=fast"])

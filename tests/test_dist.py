@@ -35,6 +35,9 @@ STRATEGIES = {
 }
 # A real user's path: the policy and the reference loaded from a checkpoint folder, partitioned at load (zero.Init).
 STRATEGIES["zero3_folder"] = STRATEGIES["zero3"]
+# The paged rollout engine inside the one gather per rollout of the sharded strategies.
+STRATEGIES["fsdp2_paged"] = [*STRATEGIES["fsdp2"], "--rollout.engine=paged"]
+STRATEGIES["zero3_paged"] = [*STRATEGIES["zero3"], "--rollout.engine=paged"]
 
 
 def _hf_digest(model_dir: Path) -> str:
@@ -54,7 +57,7 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
             "--train.max_steps=2", "--train.save_every=2", "--rollout.num_generations=2",
             "--rollout.num_shuffled=2", "--rollout.max_new_tokens=6", "--metrics.progress_bar=false",
             "--optim.lr=1e-2", "--optim.weight_decay=0.5", "--optim.warmup_steps=0", "--model.warmstart_steps=0",
-            "--train.bf16=true", *STRATEGIES[strategy]]
+            "--train.bf16=true", "--metrics.samples_every=2", *STRATEGIES[strategy]]
     if strategy == "zero3_folder":
         argv.append(f"--model.path={save_tiny(tmp_path / 'tiny_checkpoint')}")  # the worker's initial weights
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -65,7 +68,7 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = json.loads((tmp_path / "ranks.json").read_text())
     assert report["world_size"] == 2
-    assert report["strategy"] == ("deepspeed" if strategy.startswith("zero") else strategy)
+    assert report["strategy"] == ("deepspeed" if strategy.startswith("zero") else strategy.removesuffix("_paged"))
     (a, b) = report["ranks"]
     assert (a["rank"], b["rank"]) == (0, 1)
     assert a["digest"] == b["digest"]
@@ -74,8 +77,12 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
     assert rows[0]["kl"] == 0.0 < rows[1]["kl"]
+    paged = strategy.endswith("_paged")  # the engine's sampling log-probs are checked against the policy's
+    assert all(("rollout/logprob_diff_mean" in r) == paged for r in rows)
+    assert all(0 <= r["rollout/logprob_diff_mean"] <= r["rollout/logprob_diff_max"] < 1.0 for r in rows if paged)
+    assert {r["rank"] for r in read_jsonl(out / "samples.jsonl")} == {0, 1}  # every rank's completions, on rank 0
     for rank in (a, b):
         gathers = {int(k): v for k, v in rank["gathers"].items()}
         assert gathers[4] == gathers[1], gathers
-        assert (gathers[1] > 0) == (strategy in ("fsdp2", "zero3", "zero3_folder")), gathers
+        assert (gathers[1] > 0) == (strategy.removesuffix("_paged") in ("fsdp2", "zero3", "zero3_folder")), gathers
     assert _hf_digest(out / "checkpoints" / "step_000002" / "model") == a["digest"]

@@ -137,3 +137,32 @@ def test_train_times_only_logged_steps(monkeypatch, tmp_path):
     assert quiet.close().stat().st_size > 0
     row = read_jsonl(tmp_path / "quiet" / "metrics.jsonl")[0]
     assert row["step"] == 1 and "reward" in row and not any(k.startswith("time/") for k in row)
+
+
+def test_samples_every_writes_its_steps_and_a_resume_keeps_the_earlier_ones(tmp_path):
+    cfg = MetricsConfig(progress_bar=False, tensorboard=False, plot=False, samples_every=2)
+    m = Metrics(cfg, tmp_path, total_steps=6)
+    assert [s for s in range(1, 7) if m.sample_step(s)] == [2, 4, 6]
+    m.log_samples(2, [{"completion": "a", "advantage": 0.5}, {"completion": "b", "advantage": -0.5}])
+    m.log_samples(4, [{"completion": "c", "advantage": 0.0}])
+    m.close()
+    m = Metrics(cfg, tmp_path, total_steps=6, start_step=2)  # resumed from step 2: step 4 is redone
+    m.log_samples(4, [{"completion": "d", "advantage": 1.0}])
+    m.close()
+    assert [(r["step"], r["completion"]) for r in read_jsonl(tmp_path / "samples.jsonl")] == [
+        (2, "a"), (2, "b"), (4, "d")]
+    off = Metrics(MetricsConfig(progress_bar=False, tensorboard=False, plot=False, samples_every=0), tmp_path / "o",
+                  total_steps=6)
+    assert not any(off.sample_step(s) for s in range(1, 7))
+    off.log_samples(2, [{"completion": "x"}])
+    off.close()
+    assert not (tmp_path / "o" / "samples.jsonl").exists()
+
+
+def test_step_metrics_max_keys_take_the_max_of_the_micro_batches():
+    from vr1fast.metrics import step_metrics
+    rows = [{"loss": 1.0, "tokens": 4, "rollout/logprob_diff_max": 0.5, "rollout/logprob_diff_mean": 0.1},
+            {"loss": 3.0, "tokens": 6, "rollout/logprob_diff_max": 0.2, "rollout/logprob_diff_mean": 0.3}]
+    out = step_metrics(rows, {}, None, 1e-3)
+    assert out["loss"] == 2.0 and out["rollout/logprob_diff_max"] == 0.5
+    assert out["rollout/logprob_diff_mean"] == pytest.approx(0.2)

@@ -33,7 +33,8 @@ STAGES = ("data", "processor", "rollout", "reward", "ref", "policy_fwd_bwd", "op
 
 def test_demo_writes_metrics_plot_and_checkpoint(synthetic, tmp_path):
     out = tmp_path / "run"
-    main(small(synthetic, out, "--train.max_steps=3", "--optim.warmup_steps=1", "--train.save_every=2"))
+    main(small(synthetic, out, "--train.max_steps=3", "--optim.warmup_steps=1", "--train.save_every=2",
+               "--metrics.samples_every=2"))
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     for name in VIDEO_R1_NAMES + tuple(f"time/{s}_s" for s in STAGES):
@@ -51,6 +52,32 @@ def test_demo_writes_metrics_plot_and_checkpoint(synthetic, tmp_path):
     assert json.loads((final / "state.json").read_text()) == {"data": {"epoch": 0, "index": 3}, "step": 3,
                                                             "world_size": 1}
     assert parse_args(["--config", str(final / "config.yaml")]).train.max_steps == 3
+    _check_samples(read_jsonl(out / "samples.jsonl"), rows[1])
+
+
+def _check_samples(samples: list[dict], metrics: dict) -> None:
+    """Step 2's completions (samples_every=2): G ordered ones whose rewards average to the logged reward and whose
+    advantages are group-normalised, and the shuffled ones of a video prompt."""
+    assert {r["step"] for r in samples} == {2}
+    ordered = [r for r in samples if r["branch"] == "ordered"]
+    assert [r["sample"] for r in ordered] == [0, 1] and all(isinstance(r["completion"], str) for r in ordered)
+    assert sum(r["reward"] for r in ordered) / 2 == pytest.approx(metrics["reward"], abs=1e-6)
+    assert sum(r["length"] for r in ordered) / 2 == pytest.approx(metrics["completion_length"])
+    assert sum(r["advantage"] for r in ordered) == pytest.approx(0.0, abs=1e-5)
+    shuffled = [r for r in samples if r["branch"] == "shuffled"]
+    assert len(shuffled) in (0, 2) and all(r["accuracy"] in (0.0, 1.0) or 0 <= r["accuracy"] <= 1 for r in shuffled)
+    assert (len(shuffled) == 2) == (ordered[0]["temporal"] != 0.5)  # an image prompt has no shuffled branch
+
+
+def test_paged_engine_trains_and_its_log_probs_match_the_policy(synthetic, tmp_path):
+    """The demo's loop with ``--rollout.engine=paged`` on CPU: in float32 the engine's sampling log-probs equal
+    the policy's own on every completion token (the logged mismatch is ~0)."""
+    out = tmp_path / "run"
+    main(small(synthetic, out, "--train.max_steps=2", "--rollout.engine=paged", "--rollout.max_new_tokens=12"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    for r in rows:
+        assert 0 <= r["rollout/logprob_diff_mean"] <= r["rollout/logprob_diff_max"] < 1e-4, r
 
 
 def test_lr_schedules():

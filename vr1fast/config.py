@@ -77,7 +77,8 @@ class ModelConfig:
 class RolloutConfig:
     """Sampling G completions per prompt on the ordered and the shuffled video."""
 
-    engine: Literal["hf"] = "hf"          # hf = HF generate as Video-R1 calls it (the baseline); = rollout.ENGINES
+    engine: Literal["auto", "hf", "paged"] = "auto"  # auto = paged on a GPU, hf on CPU; hf = HF generate as
+    # Video-R1 calls it (the baseline); paged = prompts prefilled once, KV pages shared by their samples
     num_generations: int = 8              # G ordered completions per prompt
     num_shuffled: Optional[int] = None    # completions on the shuffled video; None = G // 2 (Video-R1); 0 disables
     temperature: float = 1.0              # sampling temperature; the loss log-probs use the same T (TRL)
@@ -85,6 +86,8 @@ class RolloutConfig:
     top_k: int = 50                       # Video-R1's GenerationConfig left transformers 4.x's default 50; 0 = off
     max_new_tokens: int = 768             # completion length cap
     max_prompt_length: int = 16384        # a longer prompt is an error naming its record (Video-R1 truncates)
+    kv_cache_fraction: float = 0.8        # paged: share of the device's free memory the KV pool may take per rollout
+    kv_page_size: int = 16                # paged: tokens per KV page
 
     def shuffled_samples(self) -> int:
         """Completions per shuffled prompt: ``num_shuffled``, or G // 2 as Video-R1 when it is None."""
@@ -184,6 +187,8 @@ class MetricsConfig:
     wandb_project: str = "vr1fast"        # W&B project name
     plot: bool = True                     # <output_dir>/metrics.png at the end (needs jsonl)
     progress_bar: bool = True             # a progress bar on the terminal
+    samples_every: int = 50               # <output_dir>/samples.jsonl every N steps: each completion's text,
+    # rewards and advantage (what Video-R1's DEBUG_MODE printed); 0 = off
 
 
 @dataclass
@@ -226,6 +231,7 @@ def demo() -> Config:
     cfg.optim = OptimConfig(lr=1e-4, warmup_steps=2)
     cfg.train = TrainConfig(max_steps=12, prompts_per_rank=2, output_dir="runs/demo", save_every=6)
     cfg.model = ModelConfig(gradient_checkpointing=False, warmstart_steps=300)
+    cfg.metrics = MetricsConfig(samples_every=6)
     return cfg
 
 
@@ -241,6 +247,9 @@ def validate(cfg: Config) -> None:
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0"),
         (cfg.rollout.top_k >= 0, "rollout.top_k must be >= 0 (0 = off)"),
         (cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (0.0 < cfg.rollout.kv_cache_fraction <= 1.0, "rollout.kv_cache_fraction must be in (0, 1]"),
+        (cfg.rollout.kv_page_size >= 1, "rollout.kv_page_size must be >= 1"),
+        (cfg.metrics.samples_every >= 0, "metrics.samples_every must be >= 0 (0 = off)"),
         (cfg.video.min_frames >= 1 and cfg.video.max_frames >= cfg.video.min_frames,
          "video.max_frames must be >= video.min_frames >= 1"),
         (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),

@@ -59,7 +59,8 @@ class StageTimer:
         self.seconds[stage] += time.perf_counter() - start
 
 
-SUM_KEYS = ("skipped_media", "reward_exceptions")  # summed over ranks; every other metric is averaged
+SUM_KEYS = ("skipped_media", "reward_exceptions")  # summed over ranks
+MAX_KEYS = ("rollout/logprob_diff_max",)           # max over micro-batches and ranks; every other one is averaged
 
 
 def to_host(rows: list[dict], device_rows: list[dict[str, torch.Tensor]]) -> list[dict]:
@@ -70,15 +71,18 @@ def to_host(rows: list[dict], device_rows: list[dict[str, torch.Tensor]]) -> lis
 
 
 def step_metrics(rows: list[dict], seconds: dict[str, float], grad_norm, lr: float) -> dict[str, float]:
-    """Mean over micro-batches (counts summed), then one all-reduce over ranks."""
-    out = {k: sum(r[k] for r in rows) / (1 if k in SUM_KEYS else len(rows)) for k in rows[0]}
+    """Mean over micro-batches (counts summed, maxima maxed), then the all-reduce over ranks."""
+    def combine(k: str) -> float:
+        values = [r[k] for r in rows]
+        return max(values) if k in MAX_KEYS else sum(values) / (1 if k in SUM_KEYS else len(rows))
+    out = {k: combine(k) for k in rows[0]}
     tokens = out.pop("tokens") * len(rows)
     if seconds:  # a timed (logged) step
         out.update({f"time/{k}_s": v for k, v in seconds.items()})
         total = sum(seconds.values())
         out.update({"time/step_s": total, "tokens_per_s": tokens / max(total, 1e-9)})
     out.update({"grad_norm": float("nan") if grad_norm is None else float(grad_norm), "learning_rate": lr})
-    return dist.reduce_metrics(out, SUM_KEYS)
+    return dist.reduce_metrics(out, SUM_KEYS, MAX_KEYS)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -101,10 +105,14 @@ class Metrics:
         self.out_dir = Path(out_dir)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
         self.plot_path = self.out_dir / "metrics.png"
-        self._jsonl = self._tb = self._wandb = self._bar = None
+        self.samples_path = self.out_dir / "samples.jsonl"
+        self._jsonl = self._tb = self._wandb = self._bar = self._samples = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.samples_every:
+            _keep_until(self.samples_path, start_step)
+            self._samples = open(self.samples_path, "a")
         if cfg.jsonl:
             _keep_until(self.jsonl_path, start_step)
             self._jsonl = open(self.jsonl_path, "a")
@@ -140,6 +148,16 @@ class Metrics:
             self._bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}",
                                   loss=f"{row.get('loss', float('nan')):.4f}", refresh=False)
 
+    def sample_step(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) logs its completions (``metrics.samples_every``); the same on every rank."""
+        return bool(self.cfg.samples_every) and step % self.cfg.samples_every == 0
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """One JSON line per completion into ``samples.jsonl``: ``{"step": n, ...row}``."""
+        if self._samples:
+            self._samples.write("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
+            self._samples.flush()
+
     def write(self, message: str) -> None:
         """A line of text that does not break the progress bar."""
         if not self.enabled:
@@ -153,7 +171,7 @@ class Metrics:
         """Flush and close every sink; write the PNG plot (returns its path when written)."""
         if not self.enabled:
             return None
-        for sink in (self._bar, self._jsonl, self._tb):
+        for sink in (self._bar, self._jsonl, self._tb, self._samples):
             if sink:
                 sink.close()
         if self._wandb:

@@ -86,7 +86,8 @@ def _rollout(run: Run, pair, inputs: dict, seed: int):
     cfg = run.cfg.rollout if run.cfg.reward.temporal else dataclasses.replace(run.cfg.rollout, num_shuffled=0)
     shuffled = None if pair.shuffled is None else pair.shuffled.to(run.info.device).model_inputs()
     with torch.no_grad(), _autocast(run):
-        return dist.rollout_call(run.policy, rollout, inputs, shuffled, cfg, seed=seed)
+        return dist.rollout_call(run.policy, rollout, inputs, shuffled, cfg, seed=seed, video_rows=pair.video_rows,
+                                 permutations=pair.permutations)
 
 
 def _texts(run: Run, completions) -> list[str]:
@@ -106,12 +107,20 @@ def _shuffled_texts(run: Run, pair, completions, num_prompts: int) -> Optional[l
     return out
 
 
-def _policy_loss(model, inputs, completion_ids, lengths: list[int], advantages, ref_logprobs, cfg: Config):
+def _policy_loss(model, inputs, completion_ids, lengths: list[int], advantages, ref_logprobs, cfg: Config,
+                 sampled_logprobs: Optional[torch.Tensor] = None):
     """Runs as the wrapped forward: the packed completion tokens' hidden states → GRPO loss (``rl.loss``).
-    ``lengths`` is a host list (a wrapper may move a tensor argument to the device)."""
+    ``lengths`` is a host list (a wrapper may move a tensor argument to the device). With ``sampled_logprobs``
+    (the rollout engine's, packed [N]) the metrics also hold the mean and max |Δ| against the policy's own
+    log-probs of the same tokens (one more no-grad pass of the LM head over the same hidden states): what verl and
+    TRL users watch to catch a rollout engine that drifts from the trainer."""
     rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations)
-    return policy_loss(rows, advantages, ref_logprobs, cfg.loss, temperature=cfg.rollout.temperature,
-                       max_completion_length=cfg.rollout.max_new_tokens)
+    loss, metrics = policy_loss(rows, advantages, ref_logprobs, cfg.loss, temperature=cfg.rollout.temperature,
+                                max_completion_length=cfg.rollout.max_new_tokens)
+    if sampled_logprobs is not None:
+        diff = (completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature) - sampled_logprobs).abs()
+        metrics = {**metrics, "rollout/logprob_diff_mean": diff.mean(), "rollout/logprob_diff_max": diff.max()}
+    return loss, metrics
 
 
 def _reference_logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
@@ -143,46 +152,81 @@ def _check_finite(run: Run, state: TrainState, values: dict[str, torch.Tensor]) 
                                  f"{state.step + 1}: stopping before the update; last checkpoint: {where}")
 
 
+def _sample_rows(samples: list[Sample], texts: list[str], shuffled: Optional[list], rewards, rank: int) -> list[dict]:
+    """``samples.jsonl`` rows: every ordered completion with its rewards and advantage, every shuffled one with
+    its accuracy (``metrics.samples_every``)."""
+    G, out = rewards.group_size, []
+    for b, sample in enumerate(samples):
+        head = {"rank": rank, "problem_id": sample.problem_id, "record": sample.index, "source": sample.source,
+                "problem_type": sample.problem_type, "answer": sample.answer}
+        for g in range(G):
+            i = b * G + g
+            out.append({**head, "branch": "ordered", "sample": g, "completion": texts[i],
+                        "length": int(rewards.lengths[i]), "accuracy": float(rewards.accuracy[i]),
+                        "format": float(rewards.format[i]), "reward": float(rewards.total[i]),
+                        "advantage": float(rewards.advantages[i]), "temporal": float(rewards.temporal[b])})
+        accuracy = rewards.shuffled_accuracy[b] if rewards.shuffled_accuracy else None
+        for j, text in enumerate(shuffled[b] if shuffled and shuffled[b] is not None else []):
+            out.append({**head, "branch": "shuffled", "sample": j, "completion": text,
+                        "accuracy": None if accuracy is None else float(accuracy[j])})
+    return out
+
+
+def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, last: bool,
+                 logs: Optional[list]) -> tuple[dict, dict]:
+    """One micro-batch: prompts → rollout → rewards → reference → policy loss and backward. Returns its host and
+    device metric rows; appends its ``samples.jsonl`` rows to ``logs`` (a list on sample steps, else None)."""
+    cfg, device, G = run.cfg, run.info.device, run.cfg.rollout.num_generations
+    seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
+    with timer("data"):
+        samples, media, skipped, state.position = next_prompts(
+            run.records, run.sampler, state.position, cfg, rank=run.info.rank, world_size=run.info.world_size,
+            seed=seed)
+    with timer("processor"):
+        messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
+        pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
+                                  mode=cfg.data.frame_shuffle, allow_identity=cfg.data.shuffle_allow_identity,
+                                  second_per_grid_ts=cfg.data.second_per_grid_ts)
+        _check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
+        inputs = pair.ordered.to(device).model_inputs()
+    with timer("rollout"):
+        completions = _rollout(run, pair, inputs, seed)
+        ordered, shuffled = completions.ordered, completions.shuffled
+    with timer("reward"):
+        texts, shuffled_texts = _texts(run, ordered), _shuffled_texts(run, pair, shuffled, len(samples))
+        rewards = score_batch(texts, ordered.lengths, [s.solution for s in samples],
+                              [s.problem_type for s in samples], shuffled_texts, cfg.reward)
+    ids, lengths = ordered.ids, ordered.lengths.tolist()  # on the host already (the rewards read them)
+    with timer("ref"), _autocast(run, run.ref):  # the reference runs under the policy's autocast
+        ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, lengths, cfg)
+    # On logged steps, the engine's sampling log-probs (packed like the loss's rows) are checked against the policy's.
+    sampled_lp = ordered.logprobs[ordered.mask.bool()].to(device) \
+        if timer.timed and ordered.logprobs is not None else None
+    with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
+        with _autocast(run):
+            loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, lengths, rewards.advantages.to(device),
+                                                   ref_lp, cfg, sampled_lp)
+        dist.backward(run.policy, loss / cfg.train.grad_accum, last)
+    if logs is not None:
+        logs.extend(_sample_rows(samples, texts, shuffled_texts, rewards, run.info.rank))
+    return ({**rewards.metrics(), "skipped_media": skipped},
+            {"loss": loss.detach(), **loss_metrics,
+             "tokens": ordered.lengths.sum() + int(pair.ordered.attention_mask.sum()) * G})
+
+
 def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts. The loss
     and gradient norm are checked once, after the last backward and before the update (one host sync).
     ``timed`` (the step is logged): stages timed with a CUDA sync at each edge (``metrics.StageTimer``) and
-    ``time/*`` / ``tokens_per_s`` in the metrics; otherwise no sync for timing and no time keys (house rule 6)."""
-    cfg, device, rows, device_rows = run.cfg, run.info.device, [], []
-    timer = StageTimer(device, timed)
-    G = cfg.rollout.num_generations
+    ``time/*`` / ``tokens_per_s`` in the metrics; otherwise no sync for timing and no time keys (house rule 6).
+    On ``metrics.samples_every`` steps every rank's completions go to rank 0's ``samples.jsonl``."""
+    cfg, timer = run.cfg, StageTimer(run.info.device, timed)
+    logs = [] if run.metrics.sample_step(state.step + 1) else None
+    rows, device_rows = [], []
     for micro in range(cfg.train.grad_accum):
-        seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
-        last = micro == cfg.train.grad_accum - 1
-        with timer("data"):
-            samples, media, skipped, state.position = next_prompts(
-                run.records, run.sampler, state.position, cfg, rank=run.info.rank, world_size=run.info.world_size,
-                seed=seed)
-        with timer("processor"):
-            messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
-            pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
-                                      mode=cfg.data.frame_shuffle, allow_identity=cfg.data.shuffle_allow_identity,
-                                      second_per_grid_ts=cfg.data.second_per_grid_ts)
-            _check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
-            inputs = pair.ordered.to(device).model_inputs()
-        with timer("rollout"):
-            completions = _rollout(run, pair, inputs, seed)
-            ordered, shuffled = completions.ordered, completions.shuffled
-        with timer("reward"):
-            rewards = score_batch(_texts(run, ordered), ordered.lengths, [s.solution for s in samples],
-                                  [s.problem_type for s in samples],
-                                  _shuffled_texts(run, pair, shuffled, len(samples)), cfg.reward)
-        ids, lengths = ordered.ids, ordered.lengths.tolist()  # on the host already (the rewards read them)
-        with timer("ref"), _autocast(run, run.ref):  # the reference runs under the policy's autocast
-            ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, lengths, cfg)
-        with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
-            with _autocast(run):
-                loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, lengths,
-                                                       rewards.advantages.to(device), ref_lp, cfg)
-            dist.backward(run.policy, loss / cfg.train.grad_accum, last)
-        rows.append({**rewards.metrics(), "skipped_media": skipped})
-        device_rows.append({"loss": loss.detach(), **loss_metrics,
-                            "tokens": ordered.lengths.sum() + int(pair.ordered.attention_mask.sum()) * G})
+        row, device_row = _micro_batch(run, state, micro, timer, micro == cfg.train.grad_accum - 1, logs)
+        rows.append(row)
+        device_rows.append(device_row)
     with timer("optimizer"):
         grad_norm = dist.clip_grad_norm(run.policy, cfg.optim.max_grad_norm)
         checks = {"loss": torch.stack([r["loss"] for r in device_rows])}
@@ -191,6 +235,8 @@ def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, flo
         engine_norm = dist.optimizer_step(run.policy)
         grad_norm = engine_norm if engine_norm is not None else grad_norm
     state.step += 1
+    if logs is not None:
+        run.metrics.log_samples(state.step, dist.gather_to_main(logs))
     return step_metrics(to_host(rows, device_rows), timer.seconds, grad_norm, lr)
 
 

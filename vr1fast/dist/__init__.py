@@ -21,13 +21,13 @@ from torch import nn
 
 from vr1fast.config import Config, DistConfig
 from vr1fast.dist import deepspeed, fsdp2, replica
-from vr1fast.dist.group import (DistInfo, abort, any_rank, barrier, broadcast_object, init, once, print0,
-                                reduce_metrics, seed_everything, step_seed, teardown)
+from vr1fast.dist.group import (DistInfo, abort, any_rank, barrier, broadcast_object, gather_to_main, init, once,
+                                print0, reduce_metrics, seed_everything, step_seed, teardown)
 from vr1fast.dist.wrapped import Runner, Wrapped, autocast, lm_head_weight, vision_tower
 from vr1fast.precision import Precision
 
 __all__ = ["DistInfo", "Runner", "Wrapped", "abort", "any_rank", "autocast", "backward", "barrier",
-           "broadcast_object", "clip_grad_norm", "close", "full_state_dict", "gathered_for_generation", "grad_sync",
+           "broadcast_object", "clip_grad_norm", "close", "full_state_dict", "gather_to_main", "gathered_for_generation", "grad_sync",
            "init", "lm_head_weight", "load_state", "once", "optimizer_step", "prepare", "print0", "reduce_metrics",
            "rollout_call", "save_state", "seed_everything", "step_seed", "teardown", "vision_tower", "wrap_policy",
            "wrap_reference"]

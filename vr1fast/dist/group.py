@@ -109,15 +109,32 @@ def step_seed(seed: int, *parts: int) -> int:
     return zlib.crc32(json.dumps([seed, *parts]).encode()) * 2654435761 % (2**63 - 1)
 
 
-def reduce_metrics(values: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
-    """One all-reduce for the step's scalars: mean over ranks, sum for ``sum_keys``. NaN-safe (NaN stays NaN)."""
+def reduce_metrics(values: dict[str, float], sum_keys: tuple[str, ...] = (),
+                   max_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """One all-reduce for the step's scalars: mean over ranks, sum for ``sum_keys``; a second one (max) only when
+    a key of ``max_keys`` is present. NaN-safe (NaN stays NaN)."""
     if not values or not tdist.is_initialized() or tdist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
     tdist.all_reduce(t)
     world = tdist.get_world_size()
-    return {k: v if k in sum_keys else v / world for k, v in zip(keys, t.tolist())}
+    out = {k: v if k in sum_keys else v / world for k, v in zip(keys, t.tolist())}
+    maxed = [k for k in keys if k in max_keys]
+    if maxed:
+        m = torch.tensor([float(values[k]) for k in maxed], dtype=torch.float64, device=comm_device())
+        tdist.all_reduce(m, op=tdist.ReduceOp.MAX)
+        out.update(zip(maxed, m.tolist()))
+    return out
+
+
+def gather_to_main(items: list) -> list:
+    """Every rank's ``items`` concatenated in rank order on rank 0 (an empty list elsewhere). Collective."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return list(items)
+    box = [None] * tdist.get_world_size() if tdist.get_rank() == 0 else None
+    tdist.gather_object(list(items), box, dst=0)
+    return [x for part in box for x in part] if box is not None else []
 
 
 def any_rank(flag: bool) -> bool:

@@ -118,6 +118,7 @@ class BatchRewards:
     errors: tuple[str, ...]    # the first few of those exceptions, "problem_type: ErrorType: message"
     log_temporal: bool         # Video-R1 logs temporal_rewards only when temporal is on
     log_format: bool           # "format" in reward_funcs
+    shuffled_accuracy: tuple[Optional[torch.Tensor], ...] = ()  # [B]: each prompt's shuffled accuracies or None
 
     def metrics(self) -> dict[str, float]:
         """Video-R1's logged names: means over the batch; all_wrong/all_correct are fractions of groups."""
@@ -172,6 +173,7 @@ def score_batch(completions: Sequence[str], lengths: Union[torch.Tensor, Sequenc
     fmt = torch.tensor([format_reward(c) for c in completions], dtype=torch.float32)
     total = torch.empty_like(accuracy)
     flags = torch.empty(num_prompts, dtype=torch.float32)
+    shuffled_accuracies = []
     for b in range(num_prompts):
         rows = slice(b * group, (b + 1) * group)
         accuracy[rows] = _accuracies(completions[rows], solutions[b], problem_types[b], errors)
@@ -179,10 +181,12 @@ def score_batch(completions: Sequence[str], lengths: Union[torch.Tensor, Sequenc
         if shuffled[b] is not None and cfg.temporal:
             shuffled_acc = _accuracies(shuffled[b], solutions[b], problem_types[b], errors)
         total[rows], flags[b] = _group_total(accuracy[rows], fmt[rows], lengths[rows], shuffled_acc, cfg)
+        shuffled_accuracies.append(shuffled_acc)
     return BatchRewards(
         accuracy=accuracy, format=fmt, lengths=lengths, total=total,
         advantages=group_advantages(total, group, cfg.adv_eps),
         temporal=flags, group_std=total.view(-1, group).std(dim=1), group_size=group,
         exceptions=len(errors), errors=tuple(errors[:MAX_KEPT_ERRORS]),
         log_temporal=cfg.temporal, log_format="format" in cfg.reward_funcs,
+        shuffled_accuracy=tuple(shuffled_accuracies),
     )
