@@ -8,7 +8,6 @@ import random
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from vr1fast.errors import ConfigError
 from vr1fast.rollout import block_manager
 from vr1fast.rollout.block_manager import CppBlockManager, choose, cpp_status
 from vr1fast.rollout.kv_pool import BlockManager as PyBlockManager
-from vr1fast.rollout.kv_pool import KVPool, PoolTooSmall
+from vr1fast.rollout.kv_pool import KVPool
 
 PAGE, NUM_PAGES = 4, 23
 LOADED, WHERE = cpp_status()

@@ -11,12 +11,10 @@ import pytest
 import torch
 from test_sampling import chi_square_pvalue
 
-from media import prompt_inputs, sample_media
+from media import sample_media
 from vr1fast.config import RolloutConfig
-from vr1fast.data.dataset import load_records
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.model.forward import completion_hidden, completion_logprobs_reference
 from vr1fast.model.load import tiny_model
 from vr1fast.rollout import engine as engine_module
@@ -33,17 +31,6 @@ MAX_NEW, PAGE = SYNC_EVERY + 6, 4
 def model_tok():
     model, tok = tiny_model(0, init_std=0.1)
     return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
-def picks(tmp_path_factory):
-    samples = load_records(generate_synthetic(tmp_path_factory.mktemp("syn"), n=8, seed=0).rl_json)
-    return [(samples[0], 8), (samples[6], 0), (samples[3], 4)]  # 8-frame video, image, 4-frame video
-
-
-@pytest.fixture(scope="module")
-def batch(model_tok, picks):
-    return prompt_inputs(model_tok[1], picks)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ from torch import nn
 
 from media import prompt_inputs, sample_media
 from vr1fast.config import RolloutConfig
-from vr1fast.data.dataset import load_records
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.model.load import set_checkpointing, tiny_model
 from vr1fast.rollout import Rollout, completion_lengths, generate, rollout
 
@@ -42,17 +40,6 @@ def model_tok():
 def plain(model_tok):
     """The same tiny model without the EOS bias: greedy decoding runs the full length on varied tokens."""
     return tiny_model(0, init_std=0.1, tokenizer=model_tok[1])[0].eval()
-
-
-@pytest.fixture(scope="module")
-def picks(tmp_path_factory):
-    samples = load_records(generate_synthetic(tmp_path_factory.mktemp("syn"), n=8, seed=0).rl_json)
-    return [(samples[0], 8), (samples[6], 0), (samples[3], 4)]  # 8-frame video, image, 4-frame video
-
-
-@pytest.fixture(scope="module")
-def batch(model_tok, picks):
-    return prompt_inputs(model_tok[1], picks)
 
 
 def first_stop(row, stops):
