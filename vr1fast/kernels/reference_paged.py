@@ -134,8 +134,11 @@ def paged_attention_state(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tabl
 
 def cascade_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                              prefix_table: Tensor, prefix_lens: Tensor, groups: Tensor, suffix_table: Tensor,
-                             suffix_lens: Tensor, scale: Optional[float] = None) -> Tensor:
+                             suffix_lens: Tensor, scale: Optional[float] = None, *, max_group: Optional[int] = None,
+                             share: bool = True) -> Tensor:
     """One decode step: write each sample's new K/V, then attend to its group's prompt ⊕ its own tokens.
+    ``max_group`` and ``share`` are the Triton kernel's launch hints, accepted for the same signature; this reads
+    each sample's prompt pages on its own either way (the result does not depend on them).
 
     q [S, Hq, D], k/v [S, Hkv, D], slots int [S] (-1: finished), prefix_table int32 [P, Wp], prefix_lens int [P],
     groups int [S] (a row of prefix_table), suffix_table int32 [S, Ws], suffix_lens int [S] (the new token

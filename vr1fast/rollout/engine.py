@@ -24,7 +24,13 @@ with pinned non-blocking copies (``kernels.reference.to_device``), rebuilt only 
 freed, and they cost no attention or MLP work from then on) and the loop ends when none is left. So a finished
 sample costs at most ``SYNC_EVERY − 1`` more steps, during which it rides along with its K/V written to its own
 pages and its outputs masked. (The pure-torch ``kernels.reference_paged.paged_append`` itself selects rows with a
-mask, a sync on CUDA; part 2's kernel does not.)
+mask, a sync on CUDA; the Triton kernel does not.)
+
+Kernels and graphs. ``paged.Kernels`` picks the attention once per call (Triton on CUDA, ``reference_paged``
+elsewhere; ``VR1FAST_IMPL`` overrides); the decode's cascade reads each prompt's pages once per step for all its
+live samples (``cascade=False``: once per sample). Every decode tensor keeps its shape for the call (page tables at
+their full width), so on CUDA the decode forward runs from CUDA graphs (``rollout.graphs``) unless
+``cuda_graphs=False``. Pages come from ``rollout.block_manager.BlockManager`` (C++ when built).
 
 Randomness. Sampling (``rollout.sampling``: HF's temperature → top-k → top-p, log-prob before truncation) draws
 from torch's RNG on the logits' device; ``seed`` forks and seeds it for the call (``completions.seeded``), None
@@ -37,8 +43,9 @@ The weights are the module's own: an optimizer step is seen by the next call. Ro
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +57,8 @@ from vr1fast.model.qwen import TEXT, VIDEO
 from vr1fast.rollout.completions import Completions, completion_lengths, pad_token_id, seeded, stop_token_ids
 from vr1fast.rollout.kv_pool import (BlockManager, KVPool, PoolTooSmall, available_bytes, check_fits, page_bytes,
                                      pages_for_memory, pages_needed)
-from vr1fast.rollout.paged import CascadeTables, decode_one_token, new_pool, prefill, text_model
+from vr1fast.rollout.graphs import DecodeGraphs, capturable
+from vr1fast.rollout.paged import CascadeTables, Kernels, decode_one_token, new_pool, prefill, text_model
 from vr1fast.rollout.sampling import check_sampling, sample
 
 SYNC_EVERY = 16  # decode steps between two reads of the stop flags (the only host syncs of the decode loop)
@@ -165,7 +173,7 @@ class Decoding:
     groups: Tensor               # int64 [R]: their prompt
     tokens: Tensor               # int64 [R]: the last token each sampled
     done: Tensor                 # bool [R]: sampled a stop token
-    table: Tensor                # int32 [R, W]: their own pages
+    table: Tensor                # int32 [R, W]: their own pages (W fixed for the call: static shapes)
     prefix_table: Tensor         # int32 [P, Wp]: each prompt's pages
     prefix_lens: Tensor          # int64 [P]
     last_pos: Tensor             # [P]: position of each prompt's last token
@@ -173,6 +181,7 @@ class Decoding:
     logprobs: Tensor             # float32 [S, max_new_tokens], 0 after the stop token
     stops: Tensor                # int64 [n_stop]
     pad: int
+    step: Callable = None        # (tokens, positions, slots, CascadeTables) → logits: eager or CUDA graphs
 
 
 def _record(d: Decoding, j: int, tokens: Tensor, logprobs: Tensor) -> None:
@@ -184,23 +193,31 @@ def _record(d: Decoding, j: int, tokens: Tensor, logprobs: Tensor) -> None:
     d.tokens = tokens
 
 
+def decode_step(model: nn.Module, d: Decoding, kernels: Kernels, cuda_graphs: bool) -> Callable:
+    """The call's decode forward: CUDA graphs of ``decode_one_token`` (``rollout.graphs``) when asked and
+    possible, else the eager function."""
+    if cuda_graphs and capturable(d.rows.device, kernels):
+        return DecodeGraphs(model, d.pool, kernels, d.prefix_table, d.prefix_lens, d.rows.shape[0], d.table.shape[1])
+    return functools.partial(decode_one_token, model, d.pool, kernels=kernels)
+
+
 def prefill_prompts(model: nn.Module, prompts: Prompts, pool: KVPool, held: Held, sampling: Sampling,
-                    stops: Sequence[int], pad: int, max_new_tokens: int) -> Decoding:
+                    stops: Sequence[int], pad: int, max_new_tokens: int, kernels: Kernels) -> Decoding:
     """One packed prefill of every prompt, the fork to its samples and their first tokens: the decode state."""
     device, bm = prompts.embeds.device, pool.blocks
     seqs = [held.allocate(n) for n in prompts.lengths]
     cu = torch.tensor([0, *prompts.lengths]).cumsum(0)
     slots = torch.cat([bm.slots(s, 0, n) for s, n in zip(seqs, prompts.lengths)])
-    logits = prefill(model, pool, prompts.embeds, prompts.positions, cu, to_device(slots, device))
+    logits = prefill(model, pool, prompts.embeds, prompts.positions, cu, to_device(slots, device), kernels)
     prefix_table = to_device(bm.page_table(seqs), device)
     samples = [fork for s, g in zip(seqs, prompts.samples) for fork in held.fork(s, g)]
     for s in seqs:
         held.free(s)  # the samples hold the prompt pages from here on
     groups = to_device(torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(prompts.samples)), device)
-    n = len(samples)
+    n, width = len(samples), max(1, -(-(max_new_tokens - 1) // bm.page_size))  # pages of the tokens fed back
     d = Decoding(pool, held, samples, torch.arange(n, device=device), groups,
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device),
-                 torch.empty(n, 0, dtype=torch.int32, device=device), prefix_table,
+                 torch.full((n, width), -1, dtype=torch.int32, device=device), prefix_table,
                  to_device(torch.tensor(prompts.lengths), device), prompts.positions[0, to_device(cu[1:] - 1, device)],
                  torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device),
                  torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device),
@@ -217,10 +234,10 @@ def decode_n_tokens(model: nn.Module, d: Decoding, start: int, n: int, sampling:
         for seq in d.seqs:
             bm.append(seq)
         if own % bm.page_size == 0:
-            d.table = to_device(bm.page_table(d.seqs), device)
+            d.table = to_device(bm.page_table(d.seqs, d.table.shape[1]), device)
         slots = d.table[:, own // bm.page_size].long() * bm.page_size + own % bm.page_size
         tables = CascadeTables(d.prefix_table, d.prefix_lens, d.groups, d.table, torch.full_like(d.rows, j))
-        logits = decode_one_token(model, d.pool, d.tokens, d.last_pos[d.groups] + j, slots, tables)
+        logits = d.step(d.tokens, d.last_pos[d.groups] + j, slots, tables)
         _record(d, j, *sampling(logits))
 
 
@@ -245,10 +262,16 @@ def trimmed(ids: Tensor, logprobs: Tensor, stops: Sequence[int]) -> Completions:
 
 @torch.no_grad()
 def generate(model: nn.Module, prompts: Prompts, pool: KVPool, *, max_new_tokens: int, sampling: Sampling,
-             stops: Sequence[int], pad: int) -> Completions:
-    """``prompts.samples[b]`` completions of every packed prompt b, prompt-major, with their log-probs."""
+             stops: Sequence[int], pad: int, cascade: bool = True, cuda_graphs: bool = True) -> Completions:
+    """``prompts.samples[b]`` completions of every packed prompt b, prompt-major, with their log-probs.
+
+    ``cascade=False``: each sample reads its prompt's pages itself (the same result; the benchmarks' stand-in for
+    a prefix cache without cascade attention). ``cuda_graphs``: decode steps replayed from CUDA graphs
+    (``rollout.graphs``) on CUDA with the Triton kernels; ignored elsewhere."""
+    kernels = Kernels.for_device(prompts.embeds.device, max(prompts.samples), cascade)
     with Held(pool.blocks) as held:
-        d = prefill_prompts(model, prompts, pool, held, sampling, stops, pad, max_new_tokens)
+        d = prefill_prompts(model, prompts, pool, held, sampling, stops, pad, max_new_tokens, kernels)
+        d.step = decode_step(model, d, kernels, cuda_graphs)
         j = 1
         while j < max_new_tokens and d.seqs:
             n = min(SYNC_EVERY, max_new_tokens - j)
@@ -282,16 +305,18 @@ class _EvalMode:
 
 def paged_generate(model: nn.Module, inputs: Mapping[str, Tensor], *, num_samples: int, max_new_tokens: int,
                    sampling: Sampling = Sampling(), eos_token_id: EosIds = None, seed: Optional[int] = None,
-                   kv_cache_fraction: float = 0.8, page_size: int = 16, pool: Optional[KVPool] = None
-                   ) -> Completions:
-    """``num_samples`` completions per prompt of ``inputs`` (PromptBatch.model_inputs(), left-padded)."""
+                   kv_cache_fraction: float = 0.8, page_size: int = 16, pool: Optional[KVPool] = None,
+                   cascade: bool = True, cuda_graphs: bool = True) -> Completions:
+    """``num_samples`` completions per prompt of ``inputs`` (PromptBatch.model_inputs(), left-padded); ``cascade``
+    and ``cuda_graphs`` as ``generate``."""
     stops, pad = _settings(model, [num_samples], max_new_tokens, sampling, eos_token_id)
     lengths = prompt_lengths(inputs)
     pool = reserve_pool(model, lengths, [num_samples] * len(lengths), max_new_tokens, page_size, kv_cache_fraction,
                         pool)
     with _EvalMode(model), seeded(seed, inputs["input_ids"]), torch.no_grad():
         prompts = pack_prompts(model, inputs, num_samples)
-        return generate(model, prompts, pool, max_new_tokens=max_new_tokens, sampling=sampling, stops=stops, pad=pad)
+        return generate(model, prompts, pool, max_new_tokens=max_new_tokens, sampling=sampling, stops=stops, pad=pad,
+                        cascade=cascade, cuda_graphs=cuda_graphs)
 
 
 def _group_permutations(permutations: Optional[Sequence[Tensor]]) -> Optional[list[Tensor]]:
@@ -357,18 +382,20 @@ def paged_rollout(model: nn.Module, ordered: Mapping[str, Tensor], shuffled: Opt
                   num_samples: int, num_shuffled: int, max_new_tokens: int, sampling: Sampling = Sampling(),
                   eos_token_id: EosIds = None, seed: Optional[int] = None, kv_cache_fraction: float = 0.8,
                   page_size: int = 16, video_rows: Optional[Sequence[int]] = None,
-                  permutations: Optional[Sequence[Tensor]] = None, pool: Optional[KVPool] = None
-                  ) -> tuple[Completions, Optional[Completions]]:
+                  permutations: Optional[Sequence[Tensor]] = None, pool: Optional[KVPool] = None,
+                  cascade: bool = True, cuda_graphs: bool = True) -> tuple[Completions, Optional[Completions]]:
     """T-GRPO's ordered and shuffled prompts in one prefill and one decode loop: (ordered completions
     [B·num_samples, L], shuffled [B_video·num_shuffled, L'] or None without shuffled prompts or samples).
 
     With ``video_rows`` (the ordered row of each shuffled prompt) and ``permutations`` (each video's frame
     permutation, ``data.shuffle.ShufflePair``) of a pair shuffle, the shuffled prompts reuse the ordered vision
-    output by block permutation; otherwise (frame shuffle, or a 2-frame video) they get their own vision pass."""
+    output by block permutation; otherwise (frame shuffle, or a 2-frame video) they get their own vision pass.
+    ``cascade`` and ``cuda_graphs`` as ``generate``."""
     if shuffled is None or num_shuffled == 0:
         return paged_generate(model, ordered, num_samples=num_samples, max_new_tokens=max_new_tokens,
                               sampling=sampling, eos_token_id=eos_token_id, seed=seed,
-                              kv_cache_fraction=kv_cache_fraction, page_size=page_size, pool=pool), None
+                              kv_cache_fraction=kv_cache_fraction, page_size=page_size, pool=pool, cascade=cascade,
+                              cuda_graphs=cuda_graphs), None
     stops, pad = _settings(model, [num_samples, num_shuffled], max_new_tokens, sampling, eos_token_id)
     lengths, extra = prompt_lengths(ordered), prompt_lengths(shuffled)
     samples = [num_samples] * len(lengths) + [num_shuffled] * len(extra)
@@ -377,5 +404,5 @@ def paged_rollout(model: nn.Module, ordered: Mapping[str, Tensor], shuffled: Opt
         first = pack_prompts(model, ordered, num_samples)
         second = _shuffled_prompts(model, first, ordered, shuffled, num_shuffled, video_rows, permutations)
         out = generate(model, first + second, pool, max_new_tokens=max_new_tokens, sampling=sampling, stops=stops,
-                       pad=pad)
+                       pad=pad, cascade=cascade, cuda_graphs=cuda_graphs)
     return _split(out, len(lengths) * num_samples, stops)

@@ -32,7 +32,7 @@ out-of-memory error deep inside decode.
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -193,11 +193,13 @@ class BlockManager:
 
 
 class KVPool:
-    """The K and V pages of every layer, allocated once, and the ``BlockManager`` (``blocks``) over them."""
+    """The K and V pages of every layer, allocated once, and a block manager (``blocks``) over them: ``manager``
+    (default this module's ``BlockManager``; the engine passes ``rollout.block_manager.BlockManager``, the C++ one
+    when built)."""
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: Union[str, torch.device] = "cpu"):
+                 dtype: torch.dtype, device: Union[str, torch.device] = "cpu", manager: Optional[type] = None):
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)  # [layers, pages, page_size, kv_heads, head_dim]
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.blocks = BlockManager(num_pages, page_size)
+        self.blocks = (manager or BlockManager)(num_pages, page_size)

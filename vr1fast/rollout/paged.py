@@ -5,7 +5,8 @@ It runs the HF module's own submodules (``model.model.language_model``: per laye
 ``model.lm_head``), so nothing is copied: an optimizer step on the policy is what the next call computes with, and
 under FSDP2 / ZeRO-3 it needs the parameters gathered for the rollout, as HF ``generate`` does. Only the attention
 differs from HF's: the K/V of every token goes to the pool's pages (``rollout.kv_pool``) and attention reads them
-through page tables, with the pure-torch ``kernels.reference_paged`` (part 2 swaps in the Triton kernels).
+through page tables, with the kernels ``Kernels`` picks once per call: ``kernels.implementation`` for the device (the
+Triton ``kernels.attention`` / ``kernels.prefill`` on CUDA, the pure-torch ``kernels.reference_paged`` elsewhere).
 
 Layout. Prefill: the B prompts' real tokens packed one after the other (``cu_seqlens`` [B+1] on the CPU), their
 input embeddings [N, H] (vision features already in place: ``model.forward.prompt_embeds``) and M-RoPE positions
@@ -21,6 +22,7 @@ prompt, fork to G, sampling, stop at EOS) live in ``rollout.engine``.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -28,8 +30,9 @@ import torch
 from torch import Tensor, nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
+from vr1fast.kernels import implementation
 from vr1fast.kernels.reference import to_device
-from vr1fast.kernels.reference_paged import cascade_decode_attention, prefill_attention
+from vr1fast.rollout.block_manager import BlockManager
 from vr1fast.rollout.kv_pool import KVPool
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]  # (layer, q [N,Hq,D], k, v [N,Hkv,D]) -> [N, Hq, D]
@@ -46,6 +49,26 @@ class CascadeTables:
     suffix_lens: Tensor    # int [S]: each sample's own tokens, the one being decoded included
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """The attention one call runs: ``prefill`` and ``decode`` with ``kernels.reference_paged``'s signatures."""
+
+    prefill: Callable
+    decode: Callable
+    capturable: bool = False  # the decode has no host sync (the Triton kernels): it can run in a CUDA graph
+
+    @staticmethod
+    def for_device(device: Union[str, torch.device], max_group: int, cascade: bool = True) -> "Kernels":
+        """``kernels.implementation`` for ``device`` (``VR1FAST_IMPL`` overrides), the decode with its launch
+        hints: ``max_group`` samples per prompt at most; ``cascade=False`` reads each prompt's pages once per
+        sample instead of once per group (what a per-sequence paged kernel does; same result)."""
+        kind = torch.device(device).type
+        decode = implementation("cascade_decode_attention", device=kind)
+        return Kernels(implementation("prefill_attention", device=kind),
+                       functools.partial(decode, max_group=max_group, share=cascade),
+                       decode.__module__ == "vr1fast.kernels.attention")
+
+
 def text_model(model: nn.Module) -> nn.Module:
     """The decoder stack of a ``Qwen2_5_VLForConditionalGeneration``: ``model.model.language_model``."""
     return model.model.language_model
@@ -58,7 +81,7 @@ def new_pool(model: nn.Module, num_pages: int, page_size: int, device: Union[str
     weight = text_model(model).embed_tokens.weight
     head_dim = config.hidden_size // config.num_attention_heads
     return KVPool(config.num_hidden_layers, num_pages, page_size, config.num_key_value_heads, head_dim,
-                  dtype=dtype or weight.dtype, device=device or weight.device)
+                  dtype=dtype or weight.dtype, device=device or weight.device, manager=BlockManager)
 
 
 def _layer(layer: nn.Module, index: int, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
@@ -85,7 +108,7 @@ def _decoder(model: nn.Module, h: Tensor, positions: Tensor, attend: Attend) -> 
 
 @torch.no_grad()
 def prefill(model: nn.Module, pool: KVPool, embeds: Tensor, positions: Tensor, cu_seqlens: Tensor,
-            slots: Tensor) -> Tensor:
+            slots: Tensor, kernels: Optional[Kernels] = None) -> Tensor:
     """Packed prompts through the decoder, their K/V written at ``slots``: logits [B, V] of each last token."""
     cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
     if embeds.shape[0] != positions.shape[1] or slots.shape != (embeds.shape[0],) or int(cu[-1]) != embeds.shape[0]:
@@ -93,9 +116,10 @@ def prefill(model: nn.Module, pool: KVPool, embeds: Tensor, positions: Tensor, c
                          f"{tuple(slots.shape)} and cu_seqlens ending at {int(cu[-1])} must share the N packed tokens")
 
     layers = text_model(model).layers
+    run = (kernels or Kernels.for_device(embeds.device, 1)).prefill
 
     def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return prefill_attention(q, k, v, cu, pool.k[i], pool.v[i], slots, layers[i].self_attn.scaling)
+        return run(q, k, v, cu, pool.k[i], pool.v[i], slots, layers[i].self_attn.scaling)
 
     hidden = _decoder(model, embeds, positions, attend)
     return model.lm_head(hidden[to_device(cu[1:] - 1, hidden.device)])
@@ -103,15 +127,15 @@ def prefill(model: nn.Module, pool: KVPool, embeds: Tensor, positions: Tensor, c
 
 @torch.no_grad()
 def decode_one_token(model: nn.Module, pool: KVPool, tokens: Tensor, positions: Tensor, slots: Tensor,
-                     tables: CascadeTables) -> Tensor:
+                     tables: CascadeTables, kernels: Optional[Kernels] = None) -> Tensor:
     """One token per sample: tokens, positions, slots [S] (slot -1: a finished sample, nothing written)
-    → logits [S, V]."""
+    → logits [S, V]. No host sync with the Triton kernels: the step can be captured in a CUDA graph."""
     lm = text_model(model)
+    run = (kernels or Kernels.for_device(tokens.device, tokens.shape[0])).decode
 
     def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return cascade_decode_attention(q, k, v, pool.k[i], pool.v[i], slots, tables.prefix_table, tables.prefix_lens,
-                                        tables.groups, tables.suffix_table, tables.suffix_lens,
-                                        lm.layers[i].self_attn.scaling)
+        return run(q, k, v, pool.k[i], pool.v[i], slots, tables.prefix_table, tables.prefix_lens, tables.groups,
+                   tables.suffix_table, tables.suffix_lens, lm.layers[i].self_attn.scaling)
 
     hidden = _decoder(model, lm.embed_tokens(tokens), positions.expand(3, -1), attend)
     return model.lm_head(hidden)
