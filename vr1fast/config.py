@@ -88,6 +88,8 @@ class RolloutConfig:
     max_prompt_length: int = 16384        # a longer prompt is an error naming its record (Video-R1 truncates)
     kv_cache_fraction: float = 0.8        # paged: share of the device's free memory the KV pool may take per rollout
     kv_page_size: int = 16                # paged: tokens per KV page
+    cuda_graphs: bool = True              # paged on CUDA: decode steps replayed from CUDA graphs captured once per
+    # rollout and batch size (rollout.graphs); false = every step eager (vLLM's enforce_eager)
 
     def shuffled_samples(self) -> int:
         """Completions per shuffled prompt: ``num_shuffled``, or G // 2 as Video-R1 when it is None."""

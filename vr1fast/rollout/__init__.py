@@ -37,7 +37,7 @@ def resolve_engine(engine: str, device: Union[str, torch.device]) -> str:
 def generate(model, inputs: Mapping[str, Tensor], *, num_samples: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
              eos_token_id: Union[int, Sequence[int], None] = None, seed: Optional[int] = None, engine: str = "auto",
-             kv_cache_fraction: float = 0.8, page_size: int = 16) -> Completions:
+             kv_cache_fraction: float = 0.8, page_size: int = 16, cuda_graphs: bool = True) -> Completions:
     """``num_samples`` completions for every prompt of ``inputs``: ``Completions(ids [B·S, L], lengths [B·S],
     logprobs)``.
 
@@ -46,7 +46,8 @@ def generate(model, inputs: Mapping[str, Tensor], *, num_samples: int, max_new_t
     ``PromptBatch.model_inputs()``. ``top_k`` = 0 is off (Video-R1 effectively used 50: ``RolloutConfig.top_k``).
     ``logprobs`` (paged engine; None for hf): float32 [B·S, L], each sampled token's log-prob under
     log_softmax(logits / temperature) before top-k/top-p, 0 after each length. ``kv_cache_fraction`` (of the
-    device's free memory the KV pool may take) and ``page_size`` are the paged engine's; hf ignores them.
+    device's free memory the KV pool may take), ``page_size`` and ``cuda_graphs`` (decode from CUDA graphs on a GPU)
+    are the paged engine's; hf ignores them.
     """
     if resolve_engine(engine, inputs["input_ids"].device) == "hf":
         return hf_generate(model, inputs, num_samples=num_samples, max_new_tokens=max_new_tokens,
@@ -54,7 +55,7 @@ def generate(model, inputs: Mapping[str, Tensor], *, num_samples: int, max_new_t
                            eos_token_id=eos_token_id, seed=seed)
     return paged_generate(model, inputs, num_samples=num_samples, max_new_tokens=max_new_tokens,
                           sampling=Sampling(temperature, top_k, top_p, greedy), eos_token_id=eos_token_id, seed=seed,
-                          kv_cache_fraction=kv_cache_fraction, page_size=page_size)
+                          kv_cache_fraction=kv_cache_fraction, page_size=page_size, cuda_graphs=cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def rollout(model, ordered: Mapping[str, Tensor], shuffled: Optional[Mapping[str
             model, ordered, shuffled, num_samples=cfg.num_generations, num_shuffled=num_shuffled,
             max_new_tokens=cfg.max_new_tokens, sampling=sampling, eos_token_id=eos_token_id, seed=seed,
             kv_cache_fraction=cfg.kv_cache_fraction, page_size=cfg.kv_page_size, video_rows=video_rows,
-            permutations=permutations)
+            permutations=permutations, cuda_graphs=cfg.cuda_graphs)
         return Rollout(first, second)
     settings = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k=cfg.top_k, eos_token_id=eos_token_id, engine="hf")
