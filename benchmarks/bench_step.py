@@ -180,9 +180,9 @@ def frames_from_memory(frames_of: dict):
         loader.load_media = saved
 
 
-def set_depth(run, depth: int) -> None:
-    """Keep the first ``depth`` text decoder layers of the policy and the reference (their config says so too)."""
-    for model in (run.policy.model, run.ref.model):
+def set_depth(models, depth: int) -> None:
+    """Keep the first ``depth`` text decoder layers of each model (their config says so too)."""
+    for model in models:
         text = model.model.language_model
         text.layers = text.layers[:depth]
         cfg = model.config.get_text_config()
@@ -354,7 +354,7 @@ def main() -> None:
             with frames_from_memory(frames_of):
                 samples = run_steps(run, state, baseline, frames_of, args, start + 0.6 * budget)
                 if args.base_layers:
-                    set_depth(run, args.base_layers)
+                    set_depth((run.policy.model, run.ref.model), args.base_layers)
                     base = run_steps(run, state, baseline, frames_of, args, start + budget)
         finally:
             close(run)

@@ -15,7 +15,9 @@
 # Knobs (environment): PYTHON (python3), VR1FAST_COMMIT (the commit when the tree is a copy without .git),
 # GV_HEAD_N (token counts of the head benchmarks, in priority order; default 8192,2048,16384),
 # GV_STEP_ARGS (bench_step.py's flags; default --layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1
-# --max-seconds 200).
+# --max-seconds 200), GV_ATTN_N (bench_attention.py's group counts, in priority order; default 8,1,32),
+# GV_ROLLOUT_ARGS (bench_rollout.py's flags; default --shape 7b --layers 4 --base-layers 1 --tokens 96 --reps 2
+# --warmup 1).
 set -uo pipefail
 
 usage() { echo "usage: scripts/gpu_validate.sh [--only head|step|engine|train|video] [--cpu-smoke] OUT_DIR" >&2; exit 2; }
@@ -132,7 +134,7 @@ stage_head() {  # ≤ 300 s: kernel tests ≤ 120, bench_logprobs ≤ 60, bench_
   local n=${GV_HEAD_N:-8192,2048,16384} workers=()
   # On a GPU, 4 pytest-xdist workers compile the Triton kernels in parallel (a cold cache is most of the time).
   if [ "$SMOKE" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 4); fi
-  step "head: pytest -m gpu" 120 "$PY" -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
+  step "head: pytest -m gpu" 120 "$PY" -m pytest -m gpu tests/gpu --ignore=tests/gpu/test_gpu_engine.py -v -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
     --junitxml="$WORK/tests_head.xml"
   bench bench_logprobs.py 60 --n "$n" --max-seconds 30
   bench bench_grpo_loss.py 115 --n "$n" --max-seconds 60
@@ -141,6 +143,18 @@ stage_head() {  # ≤ 300 s: kernel tests ≤ 120, bench_logprobs ≤ 60, bench_
 stage_step() {  # ≤ 300 s: bench_step at reduced depth and forced tokens; it states its extrapolation to 28 layers
   # shellcheck disable=SC2086  # GV_STEP_ARGS is a list of flags
   bench bench_step.py 290 ${GV_STEP_ARGS:---layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1 --max-seconds 200}
+}
+
+stage_engine() {  # ≤ 300 s: csrc ≤ 30, GPU tests ≤ 100, bench_attention ≤ 50, bench_rollout at reduced depth ≤ 120
+  # the C++ block manager for this Python (a copied tree has none, or one for another Python); the Python twin
+  # runs if it does not build, and the log says which. Not under --cpu-smoke: that runs in the developer's tree,
+  # where rewriting the library in place could break processes that have it loaded.
+  if [ "$SMOKE" = 0 ]; then step "engine: build csrc" 30 "$PY" setup.py -q build_ext --inplace; fi
+  step "engine: pytest -m gpu" 100 "$PY" -m pytest -m gpu tests/gpu/test_gpu_engine.py tests/kernels/test_attention.py \
+    tests/rollout/test_sampling.py -v -rs -p no:cacheprovider --junitxml="$WORK/tests_engine.xml"
+  bench bench_attention.py 50 --n "${GV_ATTN_N:-8,1,32}" --max-seconds 40
+  # shellcheck disable=SC2086  # GV_ROLLOUT_ARGS is a list of flags
+  bench bench_rollout.py 120 ${GV_ROLLOUT_ARGS:---shape 7b --layers 4 --base-layers 1 --tokens 96 --reps 2 --warmup 1}
 }
 
 later() {  # later STAGE ISSUE: a stage whose code does not exist yet
@@ -153,7 +167,7 @@ for stage in $STAGES; do
   case $stage in
     head) section "stage head"; stage_head ;;
     step) section "stage step"; stage_step ;;
-    engine) later engine "9 and 10" ;;
+    engine) section "stage engine"; stage_engine ;;
     train) later train 11 ;;
     video) later video 13 ;;
   esac

@@ -2,7 +2,6 @@
 module's own ``model_tok`` fixture for the tokenizer)."""
 import pytest
 
-from media import prompt_inputs
 from vr1fast.data.dataset import load_records
 from vr1fast.data.synthetic import generate_synthetic
 
@@ -15,4 +14,6 @@ def picks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(model_tok, picks):
+    from media import prompt_inputs  # here, not at the top: the GPU image has no PyAV, and test_sampling runs there
+
     return prompt_inputs(model_tok[1], picks)

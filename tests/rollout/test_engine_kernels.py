@@ -1,6 +1,6 @@
 """The paged engine with its part-2 pieces on: the Triton kernels (prefill, KV append, cascade decode, merge; under
 the interpreter here), the C++ block manager, and the bucketed decode of ``rollout.graphs`` (its capture replaced by
-the eager forward on the CPU; the real capture runs in the gpu-marked test). Greedy completions equal HF generate's
+the eager forward on the CPU; the real capture runs in ``tests/gpu/test_gpu_engine.py``). Greedy completions equal HF generate's
 token for token in float32 (tiny Qwen2.5-VL; short prompts of 35, 33 and 45 tokens with a 2-frame video, an image
 and a 4-frame video, so that the interpreter runs the prefill in seconds; the long ``conftest`` batch runs the same
 engine with the reference kernels in ``test_engine``)."""
@@ -102,23 +102,3 @@ def test_buckets():
         bucket_for(25, buckets(24))
     with pytest.raises(ValueError, match="must hold >= 1 sample"):
         buckets(0)
-
-
-@pytest.mark.gpu
-def test_cuda_graph_decode_equals_eager_on_cuda(model_tok, batch):
-    """On a GPU: the tiny model in float32 with the compiled Triton kernels, decode from CUDA graphs (several buckets)
-    gives the eager decode's greedy tokens, and both give HF generate's."""
-    model = model_tok[0].cuda()
-    inputs = {k: v.cuda() for k, v in batch.items()}
-    never = model.config.get_text_config().vocab_size - 1
-    free = generate(model, inputs, num_samples=1, max_new_tokens=MAX_NEW, greedy=True, eos_token_id=never, engine="hf")
-    stops = [int(free.ids[0, 2]), int(free.ids[1, 12])]
-    hf = generate(model, inputs, num_samples=3, max_new_tokens=MAX_NEW, greedy=True, eos_token_id=stops, engine="hf")
-    runs = {}
-    for graphs in (False, True):
-        runs[graphs] = engine_module.paged_generate(
-            model, inputs, num_samples=3, max_new_tokens=MAX_NEW, sampling=engine_module.Sampling(greedy=True),
-            eos_token_id=stops, page_size=PAGE, cuda_graphs=graphs)
-    for out in runs.values():
-        assert torch.equal(out.ids, hf.ids) and torch.equal(out.lengths, hf.lengths)
-    model.cpu()
