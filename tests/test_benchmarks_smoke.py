@@ -130,7 +130,8 @@ def test_bench_rollout_cpu_smoke(tmp_path):
     for engine in ("hf", "paged"):
         r = by[("rollout", engine)]
         assert 0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) and r["unit"] == "tok/s", r
-        assert float(r["rate"]) == pytest.approx(int(r["N"]) / float(r["ms_p50"]) * 1e3, rel=1e-3) and r["N"] == "32"
+        assert r["N"] == "40"  # (2 prompts × G = 2 + 1 shuffled video prompt × G/2 = 1) rows × 8 forced tokens
+        assert float(r["rate"]) == pytest.approx(int(r["N"]) / float(r["ms_p50"]) * 1e3, rel=1e-3)
         assert float(r["peak_gib"]) > 0 and r["gpu"] == "cpu (smoke)" and r["commit"], r
     page_bytes = 16 * 2 * 28 * 4 * 128 * 2
     kv = {impl: float(by[("prompt_kv_read_per_step_7b", impl)]["rate"]) * 1e6 for impl in
