@@ -104,6 +104,7 @@ def models_7b(layers: int, device: str = "cuda"):
     from vr1fast.model.load import _generation_config, freeze, resolve_attn
     from vr1fast.model.rope import use_rope_positions
     from vr1fast.model.tokenizer import build_tiny_tokenizer, token_ids
+    from vr1fast.model.vision import use_batched_vision_attention
 
     tokenizer = build_tiny_tokenizer()
     ids = token_ids(tokenizer)
@@ -117,6 +118,7 @@ def models_7b(layers: int, device: str = "cuda"):
     for model in (policy, ref):
         model.generation_config = _generation_config(tokenizer)
         _force_full_length(model)
+        use_batched_vision_attention(model)
         use_rope_positions(model, "videor1")
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, freeze(ref), tokenizer

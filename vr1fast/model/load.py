@@ -17,6 +17,8 @@
 
 Every loader takes ``rope_positions`` ("videor1", the default: Video-R1's transformers 4.x M-RoPE positions, or
 "transformers": the installed 5.x ones; ``vr1fast.model.rope``); a deep copy keeps the choice.
+Every loader also makes each vision attention layer one attention call instead of HF's loop over windows
+(``vr1fast.model.vision``); a deep copy stays so.
 
 dtype "auto" is bf16 on CUDA (Video-R1 trains in bf16) and fp32 on CPU; attention "auto" is FlashAttention-2
 when ``flash_attn`` is importable and the device is CUDA (as Video-R1's scripts set), SDPA otherwise.
@@ -40,6 +42,7 @@ from vr1fast.errors import ConfigError
 from vr1fast.model.qwen import TINY_TEXT, TINY_VISION
 from vr1fast.model.rope import RopePositions, use_rope_positions
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
+from vr1fast.model.vision import use_batched_vision_attention
 
 
 DtypeLike = Union[str, torch.dtype]
@@ -100,6 +103,7 @@ def tiny_model(seed: int = 0, *, dtype: DtypeLike = torch.float32, attn_implemen
                                     dtype=torch.float32)
     model.generation_config = _generation_config(tokenizer)
     model.to(device=device or "cpu", dtype=resolve_dtype(dtype, device))
+    use_batched_vision_attention(model)
     return use_rope_positions(model, rope_positions), tokenizer
 
 
@@ -131,6 +135,7 @@ def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implem
     checkpoint_config(path)
     model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
                                    attn_implementation=resolve_attn(attn_implementation, device))
+    use_batched_vision_attention(model)
     return use_rope_positions(model.to(device or "cpu"), rope_positions), load_tokenizer(path)
 
 
