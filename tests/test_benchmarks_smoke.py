@@ -166,3 +166,52 @@ def test_bench_attention_cpu_smoke(tmp_path):
         assert mb["vr1fast_unshared"] == mb["torch_sdpa"] == pytest.approx(2 * mb["vr1fast_cascade"], rel=1e-3)
         assert "x vr1fast_unshared" in by[("decode_s9", "vr1fast_cascade", n)]["note"]
     assert (tmp_path / "attention.png").stat().st_size > 10_000
+
+
+def test_bench_train_forward_cpu_smoke(tmp_path):
+    """bench_train_forward.py: the policy forward + backward and the reference forward timed for the prompt-once
+    (shared) and repeated layouts, with peak memory, the decoder tokens of each layout counted exactly (shared: Σ real
+    prompt tokens + Σ (l − 1); repeated: B·G·(P + L)) and the repeated/shared ratios of every measurement."""
+    import bench_train_forward as btf
+    from vr1fast.model.tokenizer import build_tiny_tokenizer
+
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_train_forward.py"), "--cpu-smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "train_forward.csv").open() as f:
+        assert next(csv.reader(f)) == _harness.FIELDS
+    rows = list(csv.DictReader((tmp_path / "train_forward.csv").open()))
+    by = {(r["case"], r["impl"]): r for r in rows}
+    assert len(by) == len(rows)
+    inputs, ids, lengths = btf.build_inputs("tiny", 2, 2, 4, 8, build_tiny_tokenizer())  # the smoke's inputs
+    B, P = inputs["input_ids"].shape
+    shared = int(inputs["attention_mask"].sum()) + sum(max(n - 1, 0) for n in lengths)
+    repeated = B * 2 * (P + max(lengths))
+    assert ids.shape == (B * 2, max(lengths)) and shared < repeated
+    assert (by[("decoder_tokens", "shared")]["rate"], by[("decoder_tokens", "repeated")]["rate"]) == \
+        (str(shared), str(repeated))
+    assert all(by[("decoder_tokens", i)]["unit"] == "tokens" for i in ("shared", "repeated"))
+    assert float(by[("decoder_tokens", "repeated/shared")]["rate"]) == pytest.approx(repeated / shared, rel=1e-3)
+    tokens = dict(shared=shared, repeated=repeated)
+    for case in ("policy_fwd_bwd", "ref_fwd"):
+        for impl in ("shared", "repeated"):
+            r = by[(case, impl)]
+            assert 0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]), r
+            assert r["N"] == str(sum(lengths)) and r["gpu"] == "cpu (smoke)" and r["peak_gib"] != "", r
+            assert float(r["rate"]) == pytest.approx(tokens[impl] / float(r["ms_p50"]) * 1e3, rel=1e-3)
+        got = {impl: by[(case, impl)] for impl in ("shared", "repeated")}
+        assert float(by[(case, "repeated/shared")]["rate"]) == pytest.approx(
+            float(got["repeated"]["ms_p50"]) / float(got["shared"]["ms_p50"]), rel=2e-3)
+        peak = by.get((case, "repeated/shared_peak"))
+        if float(got["shared"]["peak_gib"]) > 0:
+            assert float(peak["rate"]) == pytest.approx(
+                float(got["repeated"]["peak_gib"]) / float(got["shared"]["peak_gib"]), rel=2e-3)
+    assert "tiny model" in rows[0]["note"] and f"P={P}" in rows[0]["note"] and "G=2" in rows[0]["note"]
+    assert (tmp_path / "train_forward.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run for real")
+def test_bench_train_forward_refuses_7b_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_train_forward.py"), "--shape", "7b", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--shape 7b needs a CUDA GPU" in proc.stderr and not any(tmp_path.iterdir())
