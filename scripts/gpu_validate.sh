@@ -17,7 +17,8 @@
 # GV_STEP_ARGS (bench_step.py's flags; default --layers 4 --base-layers 1 --tokens 128 --reps 2 --warmup 1
 # --max-seconds 200), GV_ATTN_N (bench_attention.py's group counts, in priority order; default 8,1,32),
 # GV_ROLLOUT_ARGS (bench_rollout.py's flags; default --shape 7b --layers 4 --base-layers 1 --tokens 96 --reps 2
-# --warmup 1).
+# --warmup 1), GV_TRAIN_ARGS (bench_train_forward.py's flags; default --shape 7b --layers 4 --base-layers 1
+# --reps 2 --warmup 1).
 set -uo pipefail
 
 usage() { echo "usage: scripts/gpu_validate.sh [--only head|step|engine|train|video] [--cpu-smoke] OUT_DIR" >&2; exit 2; }
@@ -157,6 +158,15 @@ stage_engine() {  # ≤ 300 s: csrc ≤ 30, GPU tests ≤ 100, bench_attention �
   bench bench_rollout.py 120 ${GV_ROLLOUT_ARGS:---shape 7b --layers 4 --base-layers 1 --tokens 96 --reps 2 --warmup 1}
 }
 
+stage_train() {  # ≤ 300 s: GPU tests (flex = dense = repeated on CUDA) ≤ 150, bench_train_forward at reduced depth ≤ 140
+  # Not tests/model/test_shared.py: it has no gpu-marked test (-m gpu deselects it all) and its inputs need PyAV
+  # (tests/media.py, the synthetic mp4s), which the GPU image lacks; test_gpu_train_forward.py builds its own.
+  step "train: pytest -m gpu" 150 "$PY" -m pytest -m gpu tests/gpu/test_gpu_train_forward.py -v -rs -p no:cacheprovider \
+    --junitxml="$WORK/tests_train.xml"
+  # shellcheck disable=SC2086  # GV_TRAIN_ARGS is a list of flags
+  bench bench_train_forward.py 140 ${GV_TRAIN_ARGS:---shape 7b --layers 4 --base-layers 1 --reps 2 --warmup 1}
+}
+
 later() {  # later STAGE ISSUE: a stage whose code does not exist yet
   section "stage $1"
   echo "stage $1: nothing to run yet (issue $2)" | tee -a "$WORK/status.txt"
@@ -168,7 +178,7 @@ for stage in $STAGES; do
     head) section "stage head"; stage_head ;;
     step) section "stage step"; stage_step ;;
     engine) section "stage engine"; stage_engine ;;
-    train) later train 11 ;;
+    train) section "stage train"; stage_train ;;
     video) later video 13 ;;
   esac
 done

@@ -46,18 +46,17 @@ def test_cpu_smoke_writes_log_and_archive(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_validate.log", "results.tar.gz"]
     log = (out / "gpu_validate.log").read_text()
     assert (log.index("==== versions ====") < log.index("==== stage head ====") < log.index("==== stage step ====")
-            < log.index("==== stage engine ===="))
+            < log.index("==== stage engine ====") < log.index("==== stage train ===="))
     assert f"torch {torch.__version__}" in log and "triton" in log and "liger-kernel" in log and "commit " in log
-    for stage, issue in (("train", "11"), ("video", "13")):
-        assert f"stage {stage}: nothing to run yet (issue {issue})" in log
+    assert "stage video: nothing to run yet (issue 13)" in log and "stage train: nothing" not in log
     assert "every step ok" in log
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
         run_dir = names[0].split("/")[0]
         assert "_cpu_" in run_dir and all(n.split("/")[0] == run_dir for n in names)
         files = {n.split("/", 1)[1] for n in names if "/" in n}
-        assert {"logprobs.csv", "grpo_loss.csv", "step.csv", "attention.csv", "rollout.csv", "logprobs.png",
-                "grpo_loss.png", "summary.md", "versions.txt", "status.txt", "tests_head.xml", "tests_engine.xml",
+        assert {"logprobs.csv", "grpo_loss.csv", "step.csv", "attention.csv", "rollout.csv", "train_forward.csv", "logprobs.png",
+                "grpo_loss.png", "summary.md", "versions.txt", "status.txt", "tests_head.xml", "tests_engine.xml", "tests_train.xml",
                 "gpu_validate.log"} <= files
         summary = tar.extractfile(f"{run_dir}/summary.md").read().decode()
         junit = ET.fromstring(tar.extractfile(f"{run_dir}/tests_head.xml").read())
@@ -66,7 +65,8 @@ def test_cpu_smoke_writes_log_and_archive(tmp_path):
     assert "CPU smoke rows" in summary and "## SPEC targets" in summary
     assert "liger not importable: ModuleNotFoundError" in summary  # the hiding worked; liger's rows say why
     for step in ("head: pytest -m gpu", "bench_logprobs.py", "bench_grpo_loss.py", "bench_step.py",
-                 "engine: pytest -m gpu", "bench_attention.py", "bench_rollout.py"):
+                 "engine: pytest -m gpu", "bench_attention.py", "bench_rollout.py", "train: pytest -m gpu",
+                 "bench_train_forward.py"):
         assert any(line.startswith(step) and " ok " in line for line in summary.splitlines()), step
 
 
