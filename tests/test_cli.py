@@ -93,8 +93,10 @@ SAME_ERROR = [  # (argv, the ConfigError message), recorded with the parser befo
     (["--preset=huge"], "unknown preset 'huge' (known: demo, videor1)"),
     (["train.max_steps=3"], "unexpected argument 'train.max_steps=3'; use --section.key=value"),
     (["--train.max_steps"], "--train.max_steps needs a value (--train.max_steps=VALUE)"),
-    (["--loss.num_iterations=2"], "unknown config key 'loss.num_iterations' (known here: beta, delta, epsilon_high, "
-                                  "epsilon_low, head, impl, importance_sampling_level, kl_clamp, loss_type)"),
+    (["--loss.num_iteration=2"], "unknown config key 'loss.num_iteration' (known here: beta, delta, epsilon_high, "
+                                 "epsilon_low, head, impl, importance_sampling_level, kl_clamp, loss_type, "
+                                 "num_iterations)"),
+    (["--loss.num_iterations=0"], "loss.num_iterations must be >= 1"),
     (["--rollout.engine=fast"], "rollout.engine: 'fast' is not one of ['auto', 'hf', 'paged']"),
     (["--train.bf16=None"], "train.bf16: expected true/false, got 'None'"),
     (["--loss.delta=None"], "loss.delta: expected a number, got 'None'"),

@@ -109,8 +109,11 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_shuffled_count_defaults_to_half_the_group_and_one_update_per_rollout():
     assert parse_args(["--preset=videor1", "--rollout.num_generations=16"]).rollout.shuffled_samples() == 8
     assert parse_args(["--rollout.num_shuffled=0"]).rollout.shuffled_samples() == 0
-    with pytest.raises(ConfigError, match="unknown config key 'loss.num_iterations'"):
-        parse_args(["--loss.num_iterations=2"])  # one update per rollout (Video-R1's) is all there is: no knob
+    assert parse_args([]).loss.num_iterations == 1  # one update per rollout, Video-R1's
+    assert parse_args(["--preset=videor1"]).loss.num_iterations == 1
+    assert parse_args(["--loss.num_iterations=3"]).loss.num_iterations == 3
+    with pytest.raises(ConfigError, match="loss.num_iterations must be >= 1"):
+        parse_args(["--loss.num_iterations=0"])
 
 
 def test_config_holds_only_what_works():

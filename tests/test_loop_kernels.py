@@ -18,7 +18,7 @@ from vr1fast.model.forward import completion_logprobs_reference
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import TEXT_VOCAB_SIZE
 from vr1fast.rollout import generate
-from vr1fast.train import _policy_loss, _reference_logprobs
+from vr1fast.train import _logprobs, _policy_loss
 
 G = 3
 
@@ -66,7 +66,7 @@ def test_reference_and_triton_paths_agree_in_the_step(setup, head):
     results = {}
     for impl in ("reference", "triton"):
         c = _with_head(cfg, impl, head)
-        ref_lp = _reference_logprobs(ref, inputs, ids, lengths, c)
+        ref_lp = _logprobs(ref, inputs, ids, lengths, c)
         results[impl] = (ref_lp, *_loss_and_grads(policy, lambda: _policy_loss(policy, inputs, ids, lengths, adv,
                                                                                  ref_lp, c)))
     (ref_a, loss_a, met_a, grad_a), (ref_b, loss_b, met_b, grad_b) = results["reference"], results["triton"]
@@ -86,7 +86,7 @@ def test_fast_step_equals_video_r1_full_logits_path(setup):
     cfg, policy, ref, inputs, ids, mask, adv = setup
     c = _with_head(cfg, "triton")
     lengths = mask.sum(1).tolist()
-    ref_lp = _reference_logprobs(ref, inputs, ids, lengths, c)
+    ref_lp = _logprobs(ref, inputs, ids, lengths, c)
     loss, _, grads = _loss_and_grads(policy, lambda: _policy_loss(policy, inputs, ids, lengths, adv, ref_lp, c))
 
     def video_r1():  # pixels repeated G times, logits over every position, log-softmax + gather, then the slice

@@ -63,6 +63,9 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: flash-attn on CUDA
     # where importable, else sdpa (model.load.resolve_attn)
     gradient_checkpointing: bool = True   # recompute the decoder activations in the backward
+    share_prompt: bool = True             # policy and reference forwards lay each group out once, prompt ‖
+    # completion_1 ‖ … ‖ completion_G (vr1fast.model.shared: ~3x fewer decoder tokens at Video-R1's shape);
+    # false = the prompt repeated per completion (Video-R1's layout). Needs attention sdpa or flash, not eager
     freeze_vision: bool = False           # no gradient into the vision tower
     tiny_seed: int = 0                    # init seed of the tiny model
     rope_positions: Literal["videor1", "transformers"] = "videor1"  # M-RoPE: Video-R1's transformers 4.x rule
@@ -125,6 +128,11 @@ class LossConfig:
     epsilon_low: float = 0.2              # the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high]
     epsilon_high: float = 0.2             # DAPO raises it above epsilon_low
     delta: Optional[float] = None         # two-sided clip of the ratio (TRL's delta), None = off
+    num_iterations: int = 1               # mu: optimizer updates per rollout (TRL's num_iterations, verl's
+    # ppo_epochs). 1 = Video-R1 (on-policy, ratio 1); > 1: the old policy's log-probs are computed once after the
+    # rollout (a no-grad policy forward), then mu updates over the same completions, each clipped to
+    # [1 - epsilon_low, 1 + epsilon_high]. One train step = one rollout = mu optimizer updates (the LR schedule
+    # counts updates)
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
     kl_clamp: Optional[float] = 10.0      # clamp of (ref - logp) inside k3; None = no clamp
     impl: Literal["auto", "reference", "triton"] = "auto"  # auto: $VR1FAST_IMPL, else Triton on CUDA, else reference
@@ -257,6 +265,10 @@ def validate(cfg: Config) -> None:
         (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),
         (cfg.video.fps > 0, "video.fps must be > 0"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
+        (cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1"),
+        (not (cfg.model.share_prompt and cfg.model.attn_implementation == "eager"),
+         "model.share_prompt=true needs attention sdpa or flash_attention_2, not model.attn_implementation=eager; "
+         "set one of them differently"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0"),
         (cfg.train.prompts_per_rank >= 1, "train.prompts_per_rank must be >= 1"),

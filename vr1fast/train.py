@@ -8,13 +8,14 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
     data.shuffle   build_shuffle_pair      → PromptBatch ordered (B prompts) + shuffled (video prompts only)
     rollout        rollout                 → completions [B·G, L] ordered, [B_video·S, L] shuffled
     rl.advantages  score_batch             → rewards, temporal bonus, length bonus, advantages [B·G]
-    model.forward  completion_rows + rl.loss.completion_logprobs → frozen-reference log-probs [N] (real tokens)
+    model.forward  completion_rows + rl.loss.completion_logprobs → frozen-reference log-probs [N] (real tokens);
+                   with loss.num_iterations > 1 the old policy's too
     model.forward  completion_rows + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
     optimizer step → the next rollout sees the new weights at once; metrics; checkpoint
 
 Deviations from Video-R1 (``grpo_trainer.py``), all keeping its numbers: several prompts per rank (each group is
-scored on its own); the LM head runs on completion positions only and the vision tower once per prompt
-(``model.forward``); a broken record or video is an error naming the file, or a counted skip with
+scored on its own); the LM head runs on completion positions only, the vision tower once per prompt and, with
+``model.share_prompt``, the decoder over each prompt once per group (``model.forward``, ``model.shared``); a broken record or video is an error naming the file, or a counted skip with
 ``data.skip_bad`` (Video-R1 silently substitutes a fixed sample); a non-finite loss stops the run before the update.
 """
 from __future__ import annotations
@@ -108,26 +109,29 @@ def _shuffled_texts(run: Run, pair, completions, num_prompts: int) -> Optional[l
 
 
 def _policy_loss(model, inputs, completion_ids, lengths: list[int], advantages, ref_logprobs, cfg: Config,
-                 sampled_logprobs: Optional[torch.Tensor] = None):
+                 sampled_logprobs: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None):
     """Runs as the wrapped forward: the packed completion tokens' hidden states → GRPO loss (``rl.loss``).
     ``lengths`` is a host list (a wrapper may move a tensor argument to the device). With ``sampled_logprobs``
     (the rollout engine's, packed [N]) the metrics also hold the mean and max |Δ| against the policy's own
     log-probs of the same tokens (one more no-grad pass of the LM head over the same hidden states): what verl and
     TRL users watch to catch a rollout engine that drifts from the trainer."""
-    rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations)
-    loss, metrics = policy_loss(rows, advantages, ref_logprobs, cfg.loss, temperature=cfg.rollout.temperature,
-                                max_completion_length=cfg.rollout.max_new_tokens)
+    rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations,
+                           share_prompt=cfg.model.share_prompt)
+    loss, metrics = policy_loss(rows, advantages, ref_logprobs, cfg.loss, old_logprobs=old_logprobs,
+                                temperature=cfg.rollout.temperature, max_completion_length=cfg.rollout.max_new_tokens)
     if sampled_logprobs is not None:
         diff = (completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature) - sampled_logprobs).abs()
         metrics = {**metrics, "rollout/logprob_diff_mean": diff.mean(), "rollout/logprob_diff_max": diff.max()}
     return loss, metrics
 
 
-def _reference_logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
-    """Runs as the reference model's forward: no-grad log-probs [N] of the packed completion tokens
-    (``rl.loss``), through the same head implementation and layout as the policy loss."""
+def _logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
+    """Runs as the reference model's forward (or the old policy's, ``loss.num_iterations > 1``): no-grad
+    log-probs [N] of the packed completion tokens (``rl.loss``), through the same head implementation and layout
+    as the policy loss."""
     with torch.no_grad():
-        rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations)
+        rows = completion_rows(model, inputs, completion_ids, lengths, num_samples=cfg.rollout.num_generations,
+                               share_prompt=cfg.model.share_prompt)
         return completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature)
 
 
@@ -173,9 +177,10 @@ def _sample_rows(samples: list[Sample], texts: list[str], shuffled: Optional[lis
 
 
 def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, last: bool,
-                 logs: Optional[list]) -> tuple[dict, dict]:
-    """One micro-batch: prompts → rollout → rewards → reference → policy loss and backward. Returns its host and
-    device metric rows; appends its ``samples.jsonl`` rows to ``logs`` (a list on sample steps, else None)."""
+                 logs: Optional[list]) -> tuple[dict, dict, "Update"]:
+    """One micro-batch: prompts → rollout → rewards → reference (→ old policy) → policy loss and backward.
+    Returns its host and device metric rows and its :class:`Update`; appends its ``samples.jsonl`` rows to
+    ``logs`` (a list on sample steps, else None)."""
     cfg, device, G = run.cfg, run.info.device, run.cfg.rollout.num_generations
     seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
     with timer("data"):
@@ -198,42 +203,78 @@ def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, las
                               [s.problem_type for s in samples], shuffled_texts, cfg.reward)
     ids, lengths = ordered.ids, ordered.lengths.tolist()  # on the host already (the rewards read them)
     with timer("ref"), _autocast(run, run.ref):  # the reference runs under the policy's autocast
-        ref_lp = None if run.ref is None else run.ref.runner(_reference_logprobs, inputs, ids, lengths, cfg)
+        ref_lp = None if run.ref is None else run.ref.runner(_logprobs, inputs, ids, lengths, cfg)
+    update = Update(inputs, ids, lengths, rewards.advantages.to(device), ref_lp)
+    if cfg.loss.num_iterations > 1:
+        with timer("old_policy"), _autocast(run):
+            update.old_lp = run.policy.runner(_logprobs, inputs, ids, lengths, cfg)
     # On logged steps, the engine's sampling log-probs (packed like the loss's rows) are checked against the policy's.
     sampled_lp = ordered.logprobs[ordered.mask.bool()].to(device) \
         if timer.timed and ordered.logprobs is not None else None
-    with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
-        with _autocast(run):
-            loss, loss_metrics = run.policy.runner(_policy_loss, inputs, ids, lengths, rewards.advantages.to(device),
-                                                   ref_lp, cfg, sampled_lp)
-        dist.backward(run.policy, loss / cfg.train.grad_accum, last)
+    loss, loss_metrics = _update(run, update, timer, last, sampled_lp)
     if logs is not None:
         logs.extend(_sample_rows(samples, texts, shuffled_texts, rewards, run.info.rank))
     return ({**rewards.metrics(), "skipped_media": skipped},
             {"loss": loss.detach(), **loss_metrics,
-             "tokens": ordered.lengths.sum() + int(pair.ordered.attention_mask.sum()) * G})
+             "tokens": ordered.lengths.sum() + int(pair.ordered.attention_mask.sum()) * G}, update)
 
 
-def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, float]:
-    """One optimizer step over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts. The loss
-    and gradient norm are checked once, after the last backward and before the update (one host sync).
-    ``timed`` (the step is logged): stages timed with a CUDA sync at each edge (``metrics.StageTimer``) and
-    ``time/*`` / ``tokens_per_s`` in the metrics; otherwise no sync for timing and no time keys (house rule 6).
-    On ``metrics.samples_every`` steps every rank's completions go to rank 0's ``samples.jsonl``."""
-    cfg, timer = run.cfg, StageTimer(run.info.device, timed)
-    logs = [] if run.metrics.sample_step(state.step + 1) else None
-    rows, device_rows = [], []
-    for micro in range(cfg.train.grad_accum):
-        row, device_row = _micro_batch(run, state, micro, timer, micro == cfg.train.grad_accum - 1, logs)
-        rows.append(row)
-        device_rows.append(device_row)
+@dataclass
+class Update:
+    """What one micro-batch's policy update needs, kept for the later updates of ``loss.num_iterations``."""
+
+    inputs: dict
+    ids: torch.Tensor
+    lengths: list[int]
+    advantages: torch.Tensor
+    ref_lp: Optional[torch.Tensor]
+    old_lp: Optional[torch.Tensor] = None
+
+
+def _update(run: Run, update: Update, timer: StageTimer, last: bool, sampled_lp: Optional[torch.Tensor] = None):
+    """The policy loss of one micro-batch and its backward; returns (loss, detached loss metrics)."""
+    with timer("policy_fwd_bwd"), dist.grad_sync(run.policy, last):
+        with _autocast(run):
+            loss, metrics = run.policy.runner(_policy_loss, update.inputs, update.ids, update.lengths,
+                                              update.advantages, update.ref_lp, run.cfg, sampled_lp, update.old_lp)
+        dist.backward(run.policy, loss / run.cfg.train.grad_accum, last)
+    return loss, metrics
+
+
+def _optimizer_step(run: Run, state: TrainState, timer: StageTimer, losses: list[torch.Tensor]):
+    """Clip, check (loss and norm finite on every rank, one host sync) and apply one update; (grad norm, lr)."""
     with timer("optimizer"):
-        grad_norm = dist.clip_grad_norm(run.policy, cfg.optim.max_grad_norm)
-        checks = {"loss": torch.stack([r["loss"] for r in device_rows])}
+        grad_norm = dist.clip_grad_norm(run.policy, run.cfg.optim.max_grad_norm)
+        checks = {"loss": torch.stack(losses)}
         _check_finite(run, state, checks if grad_norm is None else {**checks, "grad norm": grad_norm})
         lr = run.policy.scheduler.get_last_lr()[0]
         engine_norm = dist.optimizer_step(run.policy)
-        grad_norm = engine_norm if engine_norm is not None else grad_norm
+    return (engine_norm if engine_norm is not None else grad_norm), lr
+
+
+def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, float]:
+    """One rollout over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts, then
+    ``loss.num_iterations`` optimizer updates over its completions (1: Video-R1's; with more, the loss metrics are
+    their mean, ``grad_norm`` the last update's, the learning rate the first's). Loss and gradient norm are checked
+    once per update, after the last backward (one host sync). ``timed`` (a logged step): stages timed with a CUDA
+    sync at each edge (``metrics.StageTimer``), ``time/*`` / ``tokens_per_s`` in the metrics; otherwise no sync
+    and no time keys (house rule 6). On ``metrics.samples_every`` steps rank 0 writes ``samples.jsonl``."""
+    cfg, timer = run.cfg, StageTimer(run.info.device, timed)
+    logs = [] if run.metrics.sample_step(state.step + 1) else None
+    rows, device_rows, updates = [], [], []
+    last = cfg.train.grad_accum - 1
+    for micro in range(cfg.train.grad_accum):
+        row, device_row, update = _micro_batch(run, state, micro, timer, micro == last, logs)
+        rows.append(row)
+        device_rows.append(device_row)
+        updates.append(update)
+    grad_norm, lr = _optimizer_step(run, state, timer, [r["loss"] for r in device_rows])
+    for k in range(1, cfg.loss.num_iterations):
+        for micro, (update, device_row) in enumerate(zip(updates, device_rows)):
+            loss, metrics = _update(run, update, timer, micro == last)
+            for key, value in {"loss": loss.detach(), **metrics}.items():  # running mean over the updates
+                device_row[key] = device_row[key] + (value - device_row[key]) / (k + 1)
+        grad_norm, _ = _optimizer_step(run, state, timer, [r["loss"] for r in device_rows])
     state.step += 1
     if logs is not None:
         run.metrics.log_samples(state.step, dist.gather_to_main(logs))
@@ -306,7 +347,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     dist.print0(f"vr1fast: {resolved['precision']}; attention {resolved['attention']}")
     policy = dist.wrap_policy(
         policy_model, info, cfg.dist, precision=precision, plan=plan,
-        make_optimizer=optim.optimizer_factory(cfg.optim), make_scheduler=optim.scheduler_factory(cfg.optim, total))
+        make_optimizer=optim.optimizer_factory(cfg.optim), make_scheduler=optim.scheduler_factory(cfg.optim, total * cfg.loss.num_iterations))
     ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision, plan=plan)
     state = TrainState()
     if resume:

@@ -1,4 +1,5 @@
-"""completion_hidden (vision once per prompt, completion positions only) against Video-R1's full-logits path.
+"""completion_hidden (vision once per prompt, completion positions only, packed), in both layouts (prompt once
+per group, and repeated per completion), against Video-R1's full-logits path.
 
 The model is the tiny Qwen2.5-VL with init std 0.1, so logits are peaked and position-sensitive: a 1-D or
 off-by-one M-RoPE position changes log-probs by ~0.3, a thousand times the tolerance used here.
@@ -11,7 +12,8 @@ from vr1fast.data.dataset import load_records
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.kernels.reference import selective_log_softmax
 from vr1fast.model.forward import (completion_hidden, completion_logprobs_reference, completion_rows,
-                                   expand_prompts, offsets_of, prompt_positions, sequence_positions)
+                                   expand_prompts, offsets_of, prompt_positions, repeated_hidden,
+                                   sequence_positions)
 from vr1fast.kernels.reference import pack
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import TEXT_VOCAB_SIZE
@@ -47,23 +49,29 @@ def completions(batch, pad, seed=0, vocab=TEXT_VOCAB_SIZE):
     return ids.masked_fill(mask == 0, pad), mask
 
 
-def fast_logprobs(model, batch, ids, mask):
-    hidden, weight = completion_hidden(model, batch, ids, mask, num_samples=G)
-    assert hidden.shape == (ids.shape[0], L, model.config.text_config.hidden_size) and weight is model.lm_head.weight
-    return selective_log_softmax(hidden @ weight.T, ids)
+SHARE = pytest.mark.parametrize("share", [True, False], ids=["prompt_once", "repeated"])
 
 
-def test_completion_rows_pack_the_real_tokens(model_tok, mixed):
-    """The packed record holds exactly the masked-in rows of completion_hidden, completion after completion, and
-    its log-probs equal the full-logits reference's on those tokens."""
+def fast_logprobs(model, batch, ids, mask, share=True):
+    """Packed log-probs [N] of the real completion tokens (completion after completion)."""
+    hidden, weight = completion_hidden(model, batch, ids, mask, num_samples=G, share_prompt=share)
+    assert hidden.shape == (int(mask.sum()), model.config.text_config.hidden_size)
+    assert weight is model.lm_head.weight
+    return selective_log_softmax(hidden @ weight.T, ids[mask.bool()])
+
+
+@SHARE
+def test_completion_rows_pack_the_real_tokens(model_tok, mixed, share):
+    """The packed record holds exactly the masked-in rows of the repeated layout's hidden states, completion after
+    completion, and its log-probs equal the full-logits reference's on those tokens."""
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id, seed=3)
     lengths = mask.sum(1)
-    rows = completion_rows(model, mixed, ids, lengths.tolist(), num_samples=G)
-    hidden, weight = completion_hidden(model, mixed, ids, mask, num_samples=G)
+    rows = completion_rows(model, mixed, ids, lengths.tolist(), num_samples=G, share_prompt=share)
+    hidden, weight = repeated_hidden(model, mixed, ids, mask, num_samples=G)
     assert rows.offsets.tolist() == [0, *lengths.cumsum(0).tolist()] and rows.weight is weight
     assert rows.hidden.shape == (int(lengths.sum()), hidden.shape[-1]) and torch.equal(rows.ids, ids[mask.bool()])
-    torch.testing.assert_close(rows.hidden, hidden[mask.bool()], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rows.hidden, hidden[mask.bool()], rtol=0, atol=1e-5 if share else 1e-6)
     ref = completion_logprobs_reference(model, mixed, ids, mask, num_samples=G)
     torch.testing.assert_close(selective_log_softmax(rows.hidden @ weight.T, rows.ids), ref[mask.bool()],
                                atol=2e-5, rtol=0)
@@ -79,25 +87,28 @@ def test_prompts_are_left_padded(mixed):
     assert mixed["pixel_values"] is not None and mixed["video_grid_thw"].shape[0] == 2
 
 
-def test_fast_path_equals_full_logits_reference(model_tok, mixed):
+@SHARE
+def test_fast_path_equals_full_logits_reference(model_tok, mixed, share):
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id)
-    fast = fast_logprobs(model, mixed, ids, mask)
+    fast = fast_logprobs(model, mixed, ids, mask, share)
     ref = completion_logprobs_reference(model, mixed, ids, mask, num_samples=G)
     m = mask.bool()
     assert ref[m].std() > 0.5  # peaked, varied log-probs: the comparison can fail
-    torch.testing.assert_close(fast[m], ref[m], atol=2e-5, rtol=0)
+    torch.testing.assert_close(fast, ref[m], atol=2e-5, rtol=0)
 
 
-def test_batched_equals_single_prompt(model_tok, samples, mixed):
+@SHARE
+def test_batched_equals_single_prompt(model_tok, samples, mixed, share):
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id, seed=1)
-    batched = fast_logprobs(model, mixed, ids, mask)
+    batched = fast_logprobs(model, mixed, ids, mask, share)
+    offsets = offsets_of(mask.sum(1))
     for b, pick in enumerate([(samples[0], 8), (samples[6], 0), (samples[3], 4)]):
         single = prompt_inputs(tok, [pick])
         rows = slice(b * G, (b + 1) * G)
-        alone = fast_logprobs(model, single, ids[rows], mask[rows])
-        torch.testing.assert_close(batched[rows][mask[rows].bool()], alone[mask[rows].bool()], atol=2e-5, rtol=0)
+        alone = fast_logprobs(model, single, ids[rows], mask[rows], share)
+        torch.testing.assert_close(batched[offsets[b * G]:offsets[(b + 1) * G]], alone, atol=2e-5, rtol=0)
 
 
 def test_positions_equal_get_rope_index_on_full_sequence(model_tok, mixed):
@@ -115,7 +126,8 @@ def test_positions_equal_get_rope_index_on_full_sequence(model_tok, mixed):
     assert ours[0].max() > ours[1].max() or not torch.equal(ours[0], ours[1])  # truly 3-D positions
 
 
-def test_gradients_equal_reference(model_tok, mixed):
+@SHARE
+def test_gradients_equal_reference(model_tok, mixed, share):
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id, seed=2)
     weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3)) * mask
@@ -123,22 +135,24 @@ def test_gradients_equal_reference(model_tok, mixed):
               model.model.language_model.embed_tokens.weight,
               model.model.language_model.layers[1].self_attn.q_proj.weight]
     grads = []
-    for fn in (fast_logprobs, lambda m, b, i, k: completion_logprobs_reference(m, b, i, k, num_samples=G)):
-        loss = (fn(model, mixed, ids, mask) * weights).sum()
+    for fn in (lambda m, b, i, k: fast_logprobs(m, b, i, k, share),
+               lambda m, b, i, k: completion_logprobs_reference(m, b, i, k, num_samples=G)[k.bool()]):
+        loss = (fn(model, mixed, ids, mask) * weights[mask.bool()]).sum()
         grads.append(torch.autograd.grad(loss, params))
     for fast, ref in zip(*grads):
         assert ref.abs().max() > 0
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_vision_tower_runs_once_per_prompt(model_tok, mixed):
+@SHARE
+def test_vision_tower_runs_once_per_prompt(model_tok, mixed, share):
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id)
     rows = []
     handle = model.model.visual.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     try:
         with torch.no_grad():
-            completion_hidden(model, mixed, ids, mask, num_samples=G)
+            completion_hidden(model, mixed, ids, mask, num_samples=G, share_prompt=share)
             fast_rows, rows[:] = sum(rows), []
             completion_logprobs_reference(model, mixed, ids, mask, num_samples=G)
     finally:
@@ -147,23 +161,29 @@ def test_vision_tower_runs_once_per_prompt(model_tok, mixed):
     assert fast_rows == pixels and sum(rows) == G * pixels
 
 
-def test_bad_inputs(model_tok, mixed):
+@SHARE
+def test_bad_inputs(model_tok, mixed, share):
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id)
     no_types = {k: v for k, v in mixed.items() if k != "mm_token_type_ids"}
     with pytest.raises(ValueError, match="mm_token_type_ids"):
-        completion_hidden(model, no_types, ids, mask, num_samples=G)
+        completion_hidden(model, no_types, ids, mask, num_samples=G, share_prompt=share)
     with pytest.raises(ValueError, match=r"\[B·G, L\]"):
-        completion_hidden(model, mixed, ids[:-1], mask[:-1], num_samples=G)
+        completion_hidden(model, mixed, ids[:-1], mask[:-1], num_samples=G, share_prompt=share)
+    holes = mask.clone()
+    holes[0, 1] = 0
+    with pytest.raises(ValueError, match="prefix mask"):
+        completion_hidden(model, mixed, ids, holes, num_samples=G, share_prompt=share)
 
 
-def test_media_pad_tokens_in_a_completion_are_text(model_tok, mixed):
+@SHARE
+def test_media_pad_tokens_in_a_completion_are_text(model_tok, mixed, share):
     model, tok = model_tok
     ids, mask = completions(mixed, tok.pad_token_id, seed=5)
     ids[0, 2] = model.config.video_token_id
     ids[1, 0] = model.config.image_token_id
     with torch.no_grad():
-        hidden, weight = completion_hidden(model, mixed, ids, mask, num_samples=G)
+        hidden, weight = completion_hidden(model, mixed, ids, mask, num_samples=G, share_prompt=share)
     assert torch.isfinite(hidden).all()
     with pytest.raises(ValueError, match="tokens"):  # HF's full forward counts them as media placeholders
         completion_logprobs_reference(model, mixed, ids, mask, num_samples=G)

@@ -152,7 +152,8 @@ def test_decode_position_is_real_length_plus_delta(model_tok, media_batch):
     torch.testing.assert_close(step.logits[:, -1], ref, atol=2e-5, rtol=0)
 
 
-def test_completion_hidden_equals_full_logits_reference(model_tok, media_batch):
+@pytest.mark.parametrize("share", [True, False], ids=["prompt_once", "repeated"])
+def test_completion_hidden_equals_full_logits_reference(model_tok, media_batch, share):
     model, tok = model_tok
     G, L = 2, 6
     g = torch.Generator().manual_seed(1)
@@ -160,13 +161,13 @@ def test_completion_hidden_equals_full_logits_reference(model_tok, media_batch):
     mask = (torch.arange(L)[None] < torch.tensor([[L], [3], [5], [L]])).long()
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
     with torch.no_grad():
-        hidden, weight = completion_hidden(model, media_batch, ids, mask, num_samples=G)
-        fast = selective_log_softmax(hidden @ weight.T, ids)
+        hidden, weight = completion_hidden(model, media_batch, ids, mask, num_samples=G, share_prompt=share)
+        fast = selective_log_softmax(hidden @ weight.T, ids[mask.bool()])
         ref = completion_logprobs_reference(model, media_batch, ids, mask, num_samples=G)
         other = copy.deepcopy(model)
         use_rope_positions(other, "transformers")
         ref5 = completion_logprobs_reference(other, media_batch, ids, mask, num_samples=G)
     m = mask.bool()
-    torch.testing.assert_close(fast[m], ref[m], atol=2e-5, rtol=0)
+    torch.testing.assert_close(fast, ref[m], atol=2e-5, rtol=0)
     assert (ref5[:G][m[:G]] - ref[:G][m[:G]]).abs().max() > 1e-2  # the video rows see other positions
     torch.testing.assert_close(ref5[G:][m[G:]], ref[G:][m[G:]], atol=2e-5, rtol=0)  # image rows: same rule

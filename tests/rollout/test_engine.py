@@ -15,7 +15,7 @@ from media import sample_media
 from vr1fast.config import RolloutConfig
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.model.forward import completion_hidden, completion_logprobs_reference
+from vr1fast.model.forward import completion_logprobs_reference, repeated_hidden
 from vr1fast.model.load import tiny_model
 from vr1fast.rollout import engine as engine_module
 from vr1fast.rollout import generate, resolve_engine, rollout
@@ -60,10 +60,11 @@ class Counted:
 
 
 def trainer_logprobs(model, inputs, out, num_samples):
-    """The trainer's log-probs of completions (``completion_hidden``: media pad ids sampled into a completion are
-    plain tokens there, while HF's full forward would take them for placeholders): fp32 [B·G, L]."""
+    """The trainer's log-probs of completions (its forward in the repeated layout, ``repeated_hidden``, which
+    tests/model shows equal to the prompt-once one: media pad ids sampled into a completion are plain tokens there,
+    while HF's full forward would take them for placeholders): fp32 [B·G, L]."""
     with torch.no_grad():
-        hidden, weight = completion_hidden(model, inputs, out.ids, out.mask, num_samples=num_samples)
+        hidden, weight = repeated_hidden(model, inputs, out.ids, out.mask, num_samples=num_samples)
     return (hidden @ weight.T).float().log_softmax(-1).gather(-1, out.ids[..., None])[..., 0]
 
 

@@ -3,21 +3,24 @@
 Shapes: B prompts, G completions per prompt (prompt-major rows: row b·G + g is sample g of prompt b), P the
 left-padded prompt length, L the completion length, H the hidden size, V the vocabulary.
 
-``completion_hidden`` (the fast path):
+``completion_hidden`` (the fast path) returns the final hidden states of the real completion tokens, packed
+(completion after completion, no padding), and ``lm_head.weight`` [V, H], so the loss kernels never see prompt
+positions and no logits over prompt + completion exist:
 1. the vision tower runs once per prompt (``get_video_features`` / ``get_image_features``) and its outputs are
-   scattered into the prompt's token embeddings [B, P, H];
-2. those embeddings are repeated per completion and the completion embeddings appended: [B·G, P+L, H];
-3. M-RoPE positions are those of the concatenated sequence: ``get_rope_index`` on the prompt [3, B, P]; the
-   prompt ends in text, so completion token k sits at (last prompt position) + 1 + k on all three axes, which
-   is what ``get_rope_index`` gives over prompt + completion;
-4. the decoder runs on [B·G, P+L] with mask = prompt mask ‖ completion mask, and only the L positions that
-   predict completion tokens (P-1 … P+L-2) are kept: hidden [B·G, L, H] plus ``lm_head.weight`` [V, H], so
-   the loss kernels never see prompt positions and no [B·G, P+L, V] logits exist.
+   scattered into the prompt's token embeddings [B, P, H] (:func:`prompt_embeds`);
+2. ``share_prompt=True`` (the default): each group is laid out once, prompt ‖ completion₁ ‖ … ‖ completion_G,
+   all groups in one packed row, under a mask that lets a completion see its prompt and its own earlier tokens
+   (``model.shared``);
+3. ``share_prompt=False``, :func:`repeated_hidden`: those embeddings are repeated per completion and the completion
+   embeddings appended, [B·G, P+L], with mask = prompt mask ‖ completion mask; positions are those of the
+   concatenated sequence (``get_rope_index`` on the prompt [3, B, P]; the prompt ends in text, so completion token
+   k sits at (last prompt position) + 1 + k on all three axes, which is what ``get_rope_index`` gives over
+   prompt + completion); the L positions that predict completion tokens (P-1 … P+L-2) are kept.
+Both give the same hidden states (tests/model/test_shared.py).
 
-``completion_rows`` packs those hidden states into the record the head runs on (``CompletionRows``): the real
-completion tokens only, sequence after sequence, with offsets, so that no head work is spent on the padding after
-each completion's end (docs/kernel-audit.md F3: ~40-50% of the head at Video-R1's lengths, mean ≈ 390 of 768). The
-prompt-once forward of a later issue produces this record directly.
+``completion_rows`` wraps them in the record the head runs on (``CompletionRows``): hidden states, ids and
+offsets, so that no head work is spent on the padding after each completion's end (docs/kernel-audit.md F3:
+~40-50% of the head at Video-R1's lengths, mean ≈ 390 of 768).
 
 ``completion_logprobs_reference`` is Video-R1's path, the baseline the fast path is tested against: every
 prompt input repeated G times (pixels too, so the vision tower runs G times), full logits, log-softmax and
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor
 
 from vr1fast.model.qwen import IMAGE, VIDEO
+from vr1fast.model.shared import shared_hidden
 from vr1fast.kernels.reference import packed_positions, selective_log_softmax, to_device
 
 
@@ -93,15 +97,15 @@ def sequence_positions(prompt_pos: Tensor, num_samples: int, completion_len: int
     return full.repeat_interleave(num_samples, dim=1)
 
 
-def completion_hidden(model, inputs: Mapping[str, Tensor], completion_ids: Tensor, completion_mask: Tensor, *,
-                      num_samples: int) -> tuple[Tensor, Tensor]:
-    """Final-norm hidden states that predict the completion tokens, and the LM head weight.
+def repeated_hidden(model, inputs: Mapping[str, Tensor], completion_ids: Tensor, completion_mask: Tensor, *,
+                    num_samples: int) -> tuple[Tensor, Tensor]:
+    """The repeated layout: final-norm hidden states [B·G, L, H] that predict the completion tokens, and the LM
+    head weight.
 
     inputs: the PromptBatch model inputs of B prompts; completion_ids, completion_mask: [B·G, L] prompt-major.
-    Returns ``(hidden [B·G, L, H], lm_head.weight [V, H])``; ``hidden[i, k] @ weight.T`` are the logits of
-    completion token k of row i (positions past the mask are computed but meaningless). Media pad tokens
-    sampled into a completion are plain tokens here (HF's full forward would count them as placeholders
-    and fail).
+    ``hidden[i, k] @ weight.T`` are the logits of completion token k of row i (positions past the mask are
+    computed but meaningless). Media pad tokens sampled into a completion are plain tokens here (HF's full
+    forward would count them as placeholders and fail).
     """
     _check_completions(inputs, completion_ids, completion_mask, num_samples)
     prompt_len, completion_len = inputs["input_ids"].shape[1], completion_ids.shape[1]
@@ -113,6 +117,50 @@ def completion_hidden(model, inputs: Mapping[str, Tensor], completion_ids: Tenso
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                      use_cache=False)
     hidden = out.last_hidden_state[:, prompt_len - 1: prompt_len + completion_len - 1]
+    return hidden, model.lm_head.weight
+
+
+def _lengths_of(completion_ids: Tensor, completion_mask: Tensor) -> list[int]:
+    """Host lengths of prefix masks (1 … 1 0 … 0 per row), or a ValueError."""
+    mask = completion_mask.bool()
+    n = mask.sum(1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < n[:, None]
+    if not torch.equal(prefix, mask):
+        raise ValueError("completion_mask must be a prefix mask (each row 1 … 1 then 0 … 0: the tokens up to and "
+                         "including the first EOS)")
+    return n.tolist()
+
+
+def _packed_hidden(model, inputs: Mapping[str, Tensor], completion_ids: Tensor, lengths: Tensor, *,
+                   num_samples: int, share_prompt: bool) -> Tensor:
+    """Hidden states [N, H] of the first ``lengths[i]`` tokens of each completion, completion after completion."""
+    offsets = offsets_of(lengths)
+    if share_prompt:
+        mask = to_device((torch.arange(completion_ids.shape[1])[None, :] < lengths[:, None]).long(),
+                         completion_ids.device)
+        _check_completions(inputs, completion_ids, mask, num_samples)
+        return shared_hidden(model, prompt_embeds(model, inputs), prompt_positions(model, inputs), inputs,
+                             completion_ids, lengths.tolist(), num_samples=num_samples)
+    pos, width = packed_positions(offsets, completion_ids.shape[1])
+    mask = to_device((torch.arange(width)[None, :] < lengths[:, None]).long(), completion_ids.device)
+    hidden, _ = repeated_hidden(model, inputs, completion_ids, mask, num_samples=num_samples)
+    return hidden.reshape(-1, hidden.shape[-1])[to_device(pos, hidden.device)]
+
+
+def completion_hidden(model, inputs: Mapping[str, Tensor], completion_ids: Tensor, completion_mask: Tensor, *,
+                      num_samples: int, share_prompt: bool = True) -> tuple[Tensor, Tensor]:
+    """Final-norm hidden states of the real completion tokens, packed, and the LM head weight.
+
+    inputs: the PromptBatch model inputs of B prompts; completion_ids, completion_mask: [B·G, L] prompt-major,
+    the mask a prefix mask (l_i ones, then zeros). Returns ``(hidden [N, H], lm_head.weight [V, H])`` with
+    N = Σ l_i: rows ``o_i … o_i + l_i − 1`` (o = the cumulative lengths, ``offsets_of``) hold completion i's
+    tokens 0 … l_i − 1, and ``hidden[o_i + k] @ weight.T`` are the logits of its token k. ``share_prompt=True``
+    computes each prompt once per group (``model.shared``); ``False`` runs the repeated layout
+    (:func:`repeated_hidden`). The vision tower runs once per prompt either way.
+    """
+    lengths = torch.tensor(_lengths_of(completion_ids, completion_mask), dtype=torch.int64)
+    hidden = _packed_hidden(model, inputs, completion_ids, lengths, num_samples=num_samples,
+                            share_prompt=share_prompt)
     return hidden, model.lm_head.weight
 
 
@@ -133,20 +181,20 @@ def offsets_of(lengths: Union[Sequence[int], Tensor]) -> Tensor:
 
 
 def completion_rows(model, inputs: Mapping[str, Tensor], completion_ids: Tensor,
-                    lengths: Union[Sequence[int], Tensor], *, num_samples: int) -> CompletionRows:
-    """``completion_hidden`` packed: the hidden states and ids of the first ``lengths[i]`` tokens of each completion
-    (the completion mask), with their offsets. ``lengths`` on the host (a list, or a CPU tensor: a CUDA one costs
-    a sync)."""
+                    lengths: Union[Sequence[int], Tensor], *, num_samples: int,
+                    share_prompt: bool = True) -> CompletionRows:
+    """The record the head runs on: the hidden states (``completion_hidden``) and ids of the first ``lengths[i]``
+    tokens of each completion, with their offsets. ``lengths`` on the host (a list, or a CPU tensor: a CUDA one
+    costs a sync)."""
     offsets = offsets_of(lengths)
     n = offsets[1:] - offsets[:-1]
     if n.numel() != completion_ids.shape[0] or (n < 0).any() or (n > completion_ids.shape[1]).any():
         raise ValueError(f"completion lengths {n.tolist()} do not fit completion_ids {tuple(completion_ids.shape)} "
                          f"(one per row, 0 ≤ length ≤ its width)")
-    pos, width = packed_positions(offsets, completion_ids.shape[1])
-    mask = to_device((torch.arange(width)[None, :] < n[:, None]).long(), completion_ids.device)
-    hidden, weight = completion_hidden(model, inputs, completion_ids, mask, num_samples=num_samples)
-    pos = to_device(pos, hidden.device)  # one index for both
-    return CompletionRows(hidden.reshape(-1, hidden.shape[-1])[pos], completion_ids.reshape(-1)[pos], offsets, weight)
+    hidden = _packed_hidden(model, inputs, completion_ids, n, num_samples=num_samples, share_prompt=share_prompt)
+    pos, _ = packed_positions(offsets, completion_ids.shape[1])
+    ids = completion_ids.reshape(-1)[to_device(pos, completion_ids.device)]
+    return CompletionRows(hidden, ids, offsets, model.lm_head.weight)
 
 
 def _per_prompt_counts(mm_types: Tensor, kind: int) -> list[int]:
