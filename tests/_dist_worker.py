@@ -95,6 +95,7 @@ def main() -> None:
     # A run takes ~15 s: a rank still alive after 240 s is stuck; it prints every thread's stack and exits, so the
     # test's failure shows where (the test's own timeout, 420 s, would only say that it timed out).
     faulthandler.dump_traceback_later(240, exit=True)
+    faulthandler.enable(all_threads=True)  # an abort (SIGABRT from C++) prints where each Python thread was
     _count_gathers()
     cfg = parse_args(argv)
     initial = tiny_model(cfg.model.tiny_seed)[0].state_dict()  # before ZeRO-3's HfDeepSpeedConfig exists

@@ -204,3 +204,23 @@ def plot_metrics(jsonl_path: str | Path, png_path: str | Path) -> Path:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def sample_rows(samples: list, texts: list[str], shuffled: Optional[list], rewards, rank: int) -> list[dict]:
+    """``samples.jsonl`` rows: every ordered completion with its rewards and advantage, every shuffled one with
+    its accuracy (``metrics.samples_every``)."""
+    G, out = rewards.group_size, []
+    for b, sample in enumerate(samples):
+        head = {"rank": rank, "problem_id": sample.problem_id, "record": sample.index, "source": sample.source,
+                "problem_type": sample.problem_type, "answer": sample.answer}
+        for g in range(G):
+            i = b * G + g
+            out.append({**head, "branch": "ordered", "sample": g, "completion": texts[i],
+                        "length": int(rewards.lengths[i]), "accuracy": float(rewards.accuracy[i]),
+                        "format": float(rewards.format[i]), "reward": float(rewards.total[i]),
+                        "advantage": float(rewards.advantages[i]), "temporal": float(rewards.temporal[b])})
+        accuracy = rewards.shuffled_accuracy[b] if rewards.shuffled_accuracy else None
+        for j, text in enumerate(shuffled[b] if shuffled and shuffled[b] is not None else []):
+            out.append({**head, "branch": "shuffled", "sample": j, "completion": text,
+                        "accuracy": None if accuracy is None else float(accuracy[j])})
+    return out

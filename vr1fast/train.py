@@ -15,8 +15,9 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
 
 Deviations from Video-R1 (``grpo_trainer.py``), all keeping its numbers: several prompts per rank (each group is
 scored on its own); the LM head runs on completion positions only, the vision tower once per prompt and, with
-``model.share_prompt``, the decoder over each prompt once per group (``model.forward``, ``model.shared``); a broken record or video is an error naming the file, or a counted skip with
-``data.skip_bad`` (Video-R1 silently substitutes a fixed sample); a non-finite loss stops the run before the update.
+``model.share_prompt``, the decoder over each prompt once per group (``model.forward``, ``model.shared``); a broken
+record or video is an error naming the file, or a counted skip with ``data.skip_bad`` (Video-R1 silently
+substitutes a fixed sample); a non-finite loss stops the run before the update.
 """
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ import transformers
 from vr1fast import ckpt, cli, dist, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config
-from vr1fast.data.dataset import Position, Records, Sample, Sampler
-from vr1fast.data.loader import next_prompts, run_records
+from vr1fast.data.dataset import Position, Records, Sampler
+from vr1fast.data.loader import check_prompt_lengths, next_prompts, run_records
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.errors import NonFiniteLossError, RecordError
-from vr1fast.metrics import Metrics, StageTimer, step_metrics, to_host
+from vr1fast.errors import NonFiniteLossError
+from vr1fast.metrics import Metrics, StageTimer, sample_rows, step_metrics, to_host
 from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import build_models, resolve_attn, text_hidden_size
 from vr1fast.precision import Precision, precision_plan
@@ -135,16 +136,6 @@ def _logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
         return completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature)
 
 
-def _check_prompt_lengths(lengths: list[int], samples: list[Sample], limit: int) -> None:
-    """Video-R1 left-truncates prompts to ``max_prompt_length`` (harmless at 16384); a cut through the video's
-    tokens cannot be fed to the model, so a longer prompt is an error naming its record instead."""
-    for n, sample in zip(lengths, samples):
-        if n > limit:
-            raise RecordError(sample.source, sample.index, "path", f"the prompt with {sample.path} has {n} tokens, "
-                              f"over rollout.max_prompt_length={limit}; lower video.max_frames / video.max_pixels "
-                              f"or raise the limit")
-
-
 def _check_finite(run: Run, state: TrainState, values: dict[str, torch.Tensor]) -> None:
     """One host sync and one all-reduce for the step: every rank stops if any value is NaN/inf on any rank."""
     names = list(values)
@@ -154,26 +145,6 @@ def _check_finite(run: Run, state: TrainState, values: dict[str, torch.Tensor]) 
         where = run.last_checkpoint or "none written yet"
         raise NonFiniteLossError(f"non-finite {name} ({values[name].tolist()} on rank {run.info.rank}) at step "
                                  f"{state.step + 1}: stopping before the update; last checkpoint: {where}")
-
-
-def _sample_rows(samples: list[Sample], texts: list[str], shuffled: Optional[list], rewards, rank: int) -> list[dict]:
-    """``samples.jsonl`` rows: every ordered completion with its rewards and advantage, every shuffled one with
-    its accuracy (``metrics.samples_every``)."""
-    G, out = rewards.group_size, []
-    for b, sample in enumerate(samples):
-        head = {"rank": rank, "problem_id": sample.problem_id, "record": sample.index, "source": sample.source,
-                "problem_type": sample.problem_type, "answer": sample.answer}
-        for g in range(G):
-            i = b * G + g
-            out.append({**head, "branch": "ordered", "sample": g, "completion": texts[i],
-                        "length": int(rewards.lengths[i]), "accuracy": float(rewards.accuracy[i]),
-                        "format": float(rewards.format[i]), "reward": float(rewards.total[i]),
-                        "advantage": float(rewards.advantages[i]), "temporal": float(rewards.temporal[b])})
-        accuracy = rewards.shuffled_accuracy[b] if rewards.shuffled_accuracy else None
-        for j, text in enumerate(shuffled[b] if shuffled and shuffled[b] is not None else []):
-            out.append({**head, "branch": "shuffled", "sample": j, "completion": text,
-                        "accuracy": None if accuracy is None else float(accuracy[j])})
-    return out
 
 
 def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, last: bool,
@@ -192,7 +163,7 @@ def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, las
         pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
                                   mode=cfg.data.frame_shuffle, allow_identity=cfg.data.shuffle_allow_identity,
                                   second_per_grid_ts=cfg.data.second_per_grid_ts)
-        _check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
+        check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
         inputs = pair.ordered.to(device).model_inputs()
     with timer("rollout"):
         completions = _rollout(run, pair, inputs, seed)
@@ -213,7 +184,7 @@ def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, las
         if timer.timed and ordered.logprobs is not None else None
     loss, loss_metrics = _update(run, update, timer, last, sampled_lp)
     if logs is not None:
-        logs.extend(_sample_rows(samples, texts, shuffled_texts, rewards, run.info.rank))
+        logs.extend(sample_rows(samples, texts, shuffled_texts, rewards, run.info.rank))
     return ({**rewards.metrics(), "skipped_media": skipped},
             {"loss": loss.detach(), **loss_metrics,
              "tokens": ordered.lengths.sum() + int(pair.ordered.attention_mask.sum()) * G}, update)
@@ -347,7 +318,8 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     dist.print0(f"vr1fast: {resolved['precision']}; attention {resolved['attention']}")
     policy = dist.wrap_policy(
         policy_model, info, cfg.dist, precision=precision, plan=plan,
-        make_optimizer=optim.optimizer_factory(cfg.optim), make_scheduler=optim.scheduler_factory(cfg.optim, total * cfg.loss.num_iterations))
+        make_optimizer=optim.optimizer_factory(cfg.optim),
+        make_scheduler=optim.scheduler_factory(cfg.optim, total * cfg.loss.num_iterations))
     ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision, plan=plan)
     state = TrainState()
     if resume:

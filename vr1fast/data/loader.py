@@ -15,7 +15,7 @@ from vr1fast.config import Config, DataConfig
 from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_media
-from vr1fast.errors import MediaError
+from vr1fast.errors import MediaError, RecordError
 
 MEDIA_RETRIES = 16  # with data.skip_bad: replacement draws for one broken media file before giving up
 
@@ -56,3 +56,13 @@ def next_prompts(records: Records, sampler: Sampler, position: Position, cfg: Co
         else:
             raise MediaError(sample.path, f"and {MEDIA_RETRIES - 1} replacement draws could not be decoded")
     return samples, media, skipped, after
+
+
+def check_prompt_lengths(lengths: list[int], samples: list[Sample], limit: int) -> None:
+    """Video-R1 left-truncates prompts to ``max_prompt_length`` (harmless at 16384); a cut through the video's
+    tokens cannot be fed to the model, so a longer prompt is an error naming its record instead."""
+    for n, sample in zip(lengths, samples):
+        if n > limit:
+            raise RecordError(sample.source, sample.index, "path", f"the prompt with {sample.path} has {n} tokens, "
+                              f"over rollout.max_prompt_length={limit}; lower video.max_frames / video.max_pixels "
+                              f"or raise the limit")
