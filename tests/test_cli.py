@@ -80,8 +80,8 @@ SAME_CONFIG = [  # (argv, the fields that differ from the preset it names), reco
 SAME_ERROR = [  # (argv, the ConfigError message), recorded with the parser before cli.py
     (["--train.max_step=3"], "unknown config key 'train.max_step' (known here: bf16, grad_accum, log_every, max_steps, "
                              "output_dir, prompts_per_rank, resume, save_every, save_total_limit, seed)"),
-    (["--trian.max_steps=3"], "unknown config key 'trian' (known here: data, dist, loss, metrics, model, optim, "
-                              "preset, reward, rollout, train, video)"),
+    (["--trian.max_steps=3"], "unknown config key 'trian' (known here: data, dist, eval, loss, metrics, model, "
+                              "optim, preset, reward, rollout, sft, train, video)"),
     (["--train.max_steps=three"], "train.max_steps: expected an integer, got 'three'"),
     (["--train.bf16=maybe"], "train.bf16: expected true/false, got 'maybe'"),
     (["--optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
@@ -188,14 +188,22 @@ def test_help_lists_every_section_key_and_preset():
     proc = subprocess.run([sys.executable, "-m", "vr1fast.train", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    def check(name, node):  # a section, its documented keys, then its subsections (model.lora) the same way
+        assert f"\n{name}: " in proc.stdout
+        assert set(field_docs(type(node))) == {key.name for key in dataclasses.fields(node)}  # each documented
+        for key in dataclasses.fields(node):
+            child = getattr(node, key.name)
+            check(f"{name}.{key.name}", child) if dataclasses.is_dataclass(child) else \
+                assert_in(f"  --{name}.{key.name} ")
+
+    def assert_in(text):
+        assert text in proc.stdout
+
     cfg = demo()
     for section in dataclasses.fields(cfg):
-        node = getattr(cfg, section.name)
-        if dataclasses.is_dataclass(node):
-            assert f"\n{section.name}: " in proc.stdout
-            assert set(field_docs(type(node))) == {key.name for key in dataclasses.fields(node)}  # each documented
-            for key in dataclasses.fields(node):
-                assert f"  --{section.name}.{key.name} " in proc.stdout
+        if dataclasses.is_dataclass(node := getattr(cfg, section.name)):
+            check(section.name, node)
+    assert "\nmodel.lora: " in proc.stdout
     for name, preset in PRESETS.items():
         assert f"  {name} " in proc.stdout and preset.__doc__.splitlines()[0] in proc.stdout
     assert "--model.path TEXT|null\n      (default: null) local HF checkpoint dir" in proc.stdout

@@ -308,6 +308,15 @@ def _entries(prefix: str, node: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _sections(prefix: str, node: Any) -> list[tuple[str, Any]]:
+    """``(dotted name, node)`` of every section below ``node``, each followed by its own subsections."""
+    out = []
+    for f in dataclasses.fields(node):
+        if dataclasses.is_dataclass(child := getattr(node, f.name)):
+            out += [(prefix + f.name, child), *_sections(f"{prefix}{f.name}.", child)]
+    return out
+
+
 def help_text(cfg: Config, prog: str) -> str:
     """Usage, the presets, then every section with its keys, types, defaults (``cfg``'s values) and docs."""
     width = min(shutil.get_terminal_size((100, 24)).columns, 120)
@@ -320,9 +329,8 @@ def help_text(cfg: Config, prog: str) -> str:
     lines += [f"  {name:<10}{(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items()]
     groups = [("options:", [*_entries("", cfg), ("--config FILE", "a YAML file of sections (and preset: NAME)"),
                             ("-h, --help", "print this and exit")])]
-    groups += [(f"{f.name}: {(type(node).__doc__ or '').strip().partition(chr(10))[0]}".rstrip(),
-                _entries(f"{f.name}.", node))
-               for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(node := getattr(cfg, f.name))]
+    groups += [(f"{name}: {(type(node).__doc__ or '').strip().partition(chr(10))[0]}".rstrip(),
+                _entries(f"{name}.", node)) for name, node in _sections("", cfg)]
     for title, entries in groups:
         lines += ["", title]
         for key, text in entries:

@@ -54,6 +54,22 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``vr1fast.model.lora``), with TRL's ``use_peft`` / ``lora_*`` defaults.
+
+    The frozen reference is the base model with the adapters disabled (no second copy of the weights)."""
+
+    enabled: bool = False                 # TRL's use_peft
+    rank: int = 16                        # TRL's lora_r
+    alpha: int = 32                       # TRL's lora_alpha
+    dropout: float = 0.05                 # TRL's lora_dropout
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # linear layers of the language model that get adapters (module names)
+    vision: Literal["frozen", "lora"] = "frozen"  # frozen: no adapter and no gradient in the vision tower; lora:
+    # adapters on the vision blocks' linear layers too
+
+
+@dataclass
 class ModelConfig:
     """The policy (and frozen reference) weights and how they run."""
 
@@ -74,6 +90,7 @@ class ModelConfig:
     # of the tiny model on the synthetic SFT set before RL, cached (vr1fast.warmstart); 0 = off
     warmstart_lr: float = 3e-3            # AdamW learning rate of the warm start
     warmstart_batch_size: int = 4         # SFT examples per warm-start step
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (model.lora.*)
 
 
 @dataclass
@@ -100,10 +117,38 @@ class RolloutConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (``python -m vr1fast.sft``): Video-R1's cold start on COT-165k-schema records."""
+
+    labels: Literal["completion", "videor1"] = "completion"  # completion: the loss covers the assistant target
+    # only; videor1: Video-R1's labels (every token but the padding, system/user text and video pads included)
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (``python -m vr1fast.eval``) and the held-out evaluation during training."""
+
+    benchmarks: tuple[str, ...] = ()      # eval JSON files in Video-R1's eval schema; empty = the synthetic
+    # held-out set
+    output_dir: str = "runs/eval"         # per benchmark: <name>.jsonl (items, resumable) and <name>.summary.json
+    sampling: Literal["greedy", "videor1"] = "videor1"  # videor1: temperature 0.1, top-p 0.001 (Video-R1's eval)
+    max_new_tokens: int = 1024            # Video-R1's eval cap
+    batch_size: int = 8                   # prompts per generate call on each rank
+    shuffled: bool = False                # also answer every video item on shuffled frames: ordered accuracy,
+    # shuffled accuracy and their gap per benchmark
+    rules: Literal["videor1_eval", "train"] = "videor1_eval"  # OCR / free-form: 0 (Video-R1's eval) or training's
+    # WER / ROUGE rewards
+    resume: bool = True                   # continue an existing <name>.jsonl (the summary scores every item)
+    every: int = 0                        # training: evaluate on the held-out set every N steps (0 = off)
+    heldout_size: int = 16                # records of the synthetic held-out set
+
+
+@dataclass
 class RewardConfig:
     """T-GRPO rewards: accuracy (+temporal bonus) + format + length."""
 
-    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # among accuracy, format
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # accuracy, format, or "module:function" of your own
+    # with the signature of vr1fast.rl.rewards.accuracy_reward
     correct_threshold: float = 0.1        # accuracy > this counts as correct (temporal and length rules)
     temporal: bool = True                 # T-GRPO's temporal bonus on video prompts
     temporal_rule: Literal["code", "strict", "diff"] = "code"  # how the temporal bonus compares p and p~:
@@ -214,6 +259,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
