@@ -335,6 +335,10 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    unknown = set(cfg.reward.reward_funcs) - {"accuracy", "format"}
+    from vr1fast.rl.rewards import BUILTIN_REWARDS, custom_reward
+    unknown = [name for name in cfg.reward.reward_funcs if name not in BUILTIN_REWARDS and ":" not in name]
     if unknown:
         raise ConfigError(f"reward.reward_funcs: unknown reward function(s) {sorted(unknown)}")
+    for name in cfg.reward.reward_funcs:
+        if ":" in name:
+            custom_reward(name)

@@ -11,7 +11,9 @@ S shuffled completions (accuracy ``ã``); ``c_i = a_i > correct_threshold`` (0.1
 * length bonus ``l_i = ω·c_i·[l_min <= n_i <= l_max]`` (ω = 0.2, 320..512 inclusive), only when at least
   ``len_min_correct`` (2) completions of the group are correct. ``c_i`` uses the raw accuracy, never ``a + t``.
   ``n_i`` counts tokens up to and including the first EOS (``vr1fast.rollout.completion_lengths``); no EOS means the full length.
-* total ``r_i = (a_i + t_i) + f_i + l_i``, summed in float32 in that order, as Video-R1 does.
+* total ``r_i = (a_i + t_i) + f_i + l_i``, summed in float32 in that order, as Video-R1 does; then ``+ u_i`` for
+  each of the user's ``module:function`` rewards in ``reward_funcs``, in their order (``rl.rewards.custom_reward``;
+  one that raises scores 0.0 and is counted in ``reward_exceptions``, like the accuracy reward).
 * advantage ``A_i = (r_i − mean_G r) / (std_G r + eps)``, unbiased std, eps = 1e-4.
 
 Beyond Video-R1 (which runs one prompt per rank): :func:`score_batch` scores several prompts, images and videos
@@ -25,7 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from vr1fast.config import RewardConfig
-from vr1fast.rl.rewards import format_reward, try_accuracy_reward
+from vr1fast.rl.rewards import custom_reward, format_reward, try_accuracy_reward, try_custom_reward
 
 NO_SHUFFLE_FLAG = 0.5  # Video-R1 logs temporal_rewards = 0.5 for prompts without a shuffled group
 MAX_KEPT_ERRORS = 5
@@ -119,6 +121,7 @@ class BatchRewards:
     log_temporal: bool         # Video-R1 logs temporal_rewards only when temporal is on
     log_format: bool           # "format" in reward_funcs
     shuffled_accuracy: tuple[Optional[torch.Tensor], ...] = ()  # [B]: each prompt's shuffled accuracies or None
+    custom: tuple[tuple[str, torch.Tensor], ...] = ()  # (function name, [B*G] float32) per user reward function
 
     def metrics(self) -> dict[str, float]:
         """Video-R1's logged names: means over the batch; all_wrong/all_correct are fractions of groups."""
@@ -129,6 +132,8 @@ class BatchRewards:
         }
         if self.log_format:
             out["rewards/format_reward"] = self.format.mean().item()
+        for name, values in self.custom:
+            out[f"rewards/{name}"] = values.mean().item()
         out["all_wrong"] = (grouped <= 1).all(dim=1).float().mean().item()
         out["all_correct"] = (grouped >= 2).all(dim=1).float().mean().item()
         if self.log_temporal:
@@ -147,6 +152,22 @@ def _accuracies(completions, solution, problem_type, errors: list[str]) -> torch
         if error is not None:
             errors.append(error)
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _custom_rewards(completions, solutions, problem_types, group: int, cfg: RewardConfig,
+                    errors: list[str]) -> tuple[tuple[str, torch.Tensor], ...]:
+    """(name, float32 [B*G]) for each ``module:function`` in ``cfg.reward_funcs``; exceptions appended to
+    ``errors`` and scored 0.0."""
+    out = []
+    for name in (n for n in cfg.reward_funcs if ":" in n):
+        fn, values = custom_reward(name), []
+        for i, completion in enumerate(completions):
+            value, error = try_custom_reward(fn, completion, solutions[i // group], problem_types[i // group])
+            values.append(value)
+            if error is not None:
+                errors.append(error)
+        out.append((name.partition(":")[2], torch.tensor(values, dtype=torch.float32)))
+    return tuple(out)
 
 
 def score_batch(completions: Sequence[str], lengths: Union[torch.Tensor, Sequence[int]],
@@ -182,11 +203,14 @@ def score_batch(completions: Sequence[str], lengths: Union[torch.Tensor, Sequenc
             shuffled_acc = _accuracies(shuffled[b], solutions[b], problem_types[b], errors)
         total[rows], flags[b] = _group_total(accuracy[rows], fmt[rows], lengths[rows], shuffled_acc, cfg)
         shuffled_accuracies.append(shuffled_acc)
+    custom = _custom_rewards(completions, solutions, problem_types, group, cfg, errors)
+    for _, values in custom:
+        total += values
     return BatchRewards(
         accuracy=accuracy, format=fmt, lengths=lengths, total=total,
         advantages=group_advantages(total, group, cfg.adv_eps),
         temporal=flags, group_std=total.view(-1, group).std(dim=1), group_size=group,
         exceptions=len(errors), errors=tuple(errors[:MAX_KEPT_ERRORS]),
         log_temporal=cfg.temporal, log_format="format" in cfg.reward_funcs,
-        shuffled_accuracy=tuple(shuffled_accuracies),
+        shuffled_accuracy=tuple(shuffled_accuracies), custom=custom,
     )

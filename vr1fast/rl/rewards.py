@@ -23,14 +23,21 @@ Exceptions are counted, not hidden: :func:`try_accuracy_reward` returns ``(rewar
 (``vr1fast.rl.advantages.score_batch``) counts the errors it sees; there is no global counter. The counted
 exceptions are exactly those Video-R1's outer ``except`` catches; a numerical answer that does not parse is a
 plain 0.0 there (Video-R1 catches it inside ``normalize_number``), a regression one raises and is counted.
+
+Rewards users bring: ``reward.reward_funcs`` also takes ``"module:function"`` names (:func:`custom_reward`), each
+with :func:`accuracy_reward`'s signature ``(completion, solution, problem_type) -> float``, added to the total as
+TRL sums its reward functions.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import re
 from typing import Callable, Optional
 
 from vr1fast.data.dataset import extract_answer
+from vr1fast.errors import ConfigError
 
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
@@ -140,3 +147,41 @@ def try_accuracy_reward(completion: str, solution: str, problem_type: str) -> tu
 def accuracy_reward(completion: str, solution: str, problem_type: str) -> float:
     """Video-R1's accuracy reward of one completion against the ``<answer>``-wrapped ``solution`` (table above)."""
     return try_accuracy_reward(completion, solution, problem_type)[0]
+
+
+BUILTIN_REWARDS = ("accuracy", "format")
+
+
+def custom_reward(name: str) -> Callable[[str, str, str], float]:
+    """The user's reward function named ``"package.module:function"`` (importable from ``sys.path``, which holds
+    the working directory under ``python -m``); a ConfigError naming ``reward.reward_funcs`` and the cause when
+    the name does not resolve to a function callable as ``fn(completion, solution, problem_type)``."""
+    where = f"reward.reward_funcs: {name!r}"
+    module_name, sep, attr = name.partition(":")
+    if not (sep and module_name and attr):
+        raise ConfigError(f"{where} is neither {' nor '.join(BUILTIN_REWARDS)} nor 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{where}: module {module_name!r} has no function {attr!r}")
+    try:
+        inspect.signature(fn).bind("completion", "solution", "problem_type")
+    except TypeError:
+        raise ConfigError(f"{where}: {attr}{inspect.signature(fn)} cannot be called as {attr}(completion, solution, "
+                          f"problem_type), the signature of vr1fast.rl.rewards.accuracy_reward") from None
+    except ValueError:  # no signature to inspect (a builtin): called as is
+        pass
+    return fn
+
+
+def try_custom_reward(fn: Callable[[str, str, str], float], completion: str, solution: str,
+                      problem_type: str) -> tuple[float, Optional[str]]:
+    """``(float(fn(...)), None)``, or ``(0.0, "name: ErrorType: message")`` when it raised or returned no number,
+    counted by the batch scorer like :func:`try_accuracy_reward`'s exceptions."""
+    try:
+        return float(fn(completion, solution, problem_type)), None
+    except Exception as e:
+        return 0.0, f"{getattr(fn, '__name__', fn)}: {type(e).__name__}: {e}"
