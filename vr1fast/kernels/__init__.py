@@ -1,6 +1,6 @@
-"""Public kernel API: log-probs and the GRPO loss, dispatched to Triton or to the pure-torch reference; the paged
-attention of the rollout engine through ``implementation(name, device=...)`` (Triton ``attention.py`` on CUDA,
-``reference_paged.py`` elsewhere).
+"""Public kernel API: log-probs, the GRPO loss and video patchify, dispatched to Triton or to the pure-torch reference;
+the paged attention of the rollout engine through ``implementation(name, device=...)`` (Triton ``attention.py`` on
+CUDA, ``reference_paged.py`` elsewhere).
 
 Which implementation runs (per call, from the first tensor argument and ``VR1FAST_IMPL``):
   * ``VR1FAST_IMPL=reference`` → ``kernels/reference.py`` everywhere;
@@ -19,6 +19,7 @@ import importlib
 import os
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from vr1fast.kernels import reference
@@ -37,6 +38,7 @@ TRITON: dict[str, str] = {
     "paged_attention_state": "vr1fast.kernels.attention",
     "cascade_decode_attention": "vr1fast.kernels.attention",
     "prefill_attention": "vr1fast.kernels.prefill",
+    "patchify_frames": "vr1fast.kernels.patchify",  # not patchify(): importing patchify.py would shadow it here
 }
 # public name -> module holding its pure-torch reference when that is not ``reference.py``.
 REFERENCE: dict[str, str] = {name: "vr1fast.kernels.reference_paged" for name in (
@@ -94,5 +96,12 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Option
     return fn(hidden, weight, index, mask, advantages, ref_logprobs, old_logprobs, **cfg)
 
 
+def patchify_frames(frames: Tensor, perm: Optional[Tensor] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 frames [T, H, W, 3] (output frame i = frames[perm[i]]) → Qwen2.5-VL pixel_values [N, 1176] in
+    ``dtype``, N = ⌈T/2⌉·H/14·W/14 (an odd T repeats its last frame)."""
+    fn = implementation("patchify_frames", device=frames.device.type)
+    return fn(frames, perm, dtype)
+
+
 __all__ = ["selective_log_softmax", "linear_logprobs", "grpo_loss", "linear_grpo_loss", "grpo_loss_from_logprobs",
-           "implementation", "TRITON"]
+           "patchify_frames", "implementation", "TRITON"]

@@ -1,4 +1,5 @@
-"""Pure-torch references for the log-prob and GRPO-loss kernels: the specification every Triton kernel matches.
+"""Pure-torch references for the log-prob, GRPO-loss and patchify kernels: the specification every Triton kernel
+matches. ``patchify_frames`` (uint8 video frames → Qwen2.5-VL pixel_values) is documented at its definition.
 
 Log-probs (one token; z its logits [V], y its target id, T the sampling temperature, s = z / T):
     logp    = s_y - lse(s)                                  lse(s) = log Σ_v exp(s_v)
@@ -39,6 +40,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from vr1fast.model.qwen import CLIP_MEAN, CLIP_STD, MERGE_SIZE, PATCH_DIM, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
@@ -291,3 +294,49 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, index: Tensor, mask: Option
     chunked (see ``linear_logprobs``)."""
     logp = linear_logprobs(hidden, weight, index, cfg.get("temperature", DEFAULTS["temperature"]))
     return grpo_loss_from_logprobs(logp, mask, advantages, ref_logprobs, old_logprobs, offsets=offsets, **cfg)
+
+
+# ---------------------------------------------------------------- patchify (Qwen2.5-VL pixel_values)
+
+PATCHIFY_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_patchify(frames: Tensor, perm: Optional[Tensor], dtype: torch.dtype) -> None:
+    """ValueError naming the argument unless frames is uint8 [T ≥ 1, H, W, 3] with H, W positive multiples of 28,
+    perm None or an integer [T] tensor on the frames' device (a permutation of 0..T-1: checked on the CPU only, a
+    GPU check would sync) and dtype one of PATCHIFY_DTYPES."""
+    factor = PATCH_SIZE * MERGE_SIZE
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"patchify: frames must be uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    if frames.shape[1] == 0 or frames.shape[2] == 0 or frames.shape[1] % factor or frames.shape[2] % factor:
+        raise ValueError(f"patchify: H and W must be positive multiples of {factor}, got {tuple(frames.shape)}")
+    if dtype not in PATCHIFY_DTYPES:
+        raise ValueError(f"patchify: dtype must be one of {PATCHIFY_DTYPES}, got {dtype}")
+    if perm is None:
+        return
+    t = frames.shape[0]
+    if perm.shape != (t,) or perm.dtype.is_floating_point or perm.device != frames.device:
+        raise ValueError(f"patchify: perm must be an integer [{t}] tensor on {frames.device}, got {perm.dtype} "
+                         f"{tuple(perm.shape)} on {perm.device}")
+    if perm.device.type == "cpu" and not torch.equal(perm.sort().values, torch.arange(t, dtype=perm.dtype)):
+        raise ValueError(f"patchify: perm is not a permutation of 0..{t - 1}: {perm.tolist()}")
+
+
+def patchify_frames(frames: Tensor, perm: Optional[Tensor] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 frames [T, H, W, 3] → Qwen2.5-VL ``pixel_values`` [gt·gh·gw, 1176] in ``dtype``.
+
+    Exactly ``vr1fast.data.processor.video_to_patches(frames[perm])`` (the Qwen2-VL processor: x/255, CLIP mean/std
+    in fp32, 2×14×14 patches in 2×2 merge order; docs in that module), cast to ``dtype`` (round to nearest). Odd T:
+    the last frame (of the permuted order) is repeated, as the HF processor pads, so gt = ⌈T/2⌉, gh = H/14,
+    gw = W/14. perm: int [T] or None (identity); frame i of the output video is frames[perm[i]]."""
+    check_patchify(frames, perm, dtype)
+    t, h, w, c = frames.shape
+    source = torch.arange(t, device=frames.device) if perm is None else perm.long()
+    gt = -(-t // TEMPORAL_PATCH_SIZE)
+    source = source[torch.arange(gt * TEMPORAL_PATCH_SIZE, device=frames.device).clamp(max=t - 1)]
+    bh, bw = h // (PATCH_SIZE * MERGE_SIZE), w // (PATCH_SIZE * MERGE_SIZE)
+    x = frames[source].reshape(gt, TEMPORAL_PATCH_SIZE, bh, MERGE_SIZE, PATCH_SIZE, bw, MERGE_SIZE, PATCH_SIZE, c)
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7).reshape(-1, c, PATCH_DIM // c).to(torch.float32)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(1, c, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(1, c, 1)
+    return x.div_(255.0).sub_(mean).div_(std).reshape(-1, PATCH_DIM).to(dtype)
