@@ -2,7 +2,8 @@
 
 Layout of ``<output_dir>/checkpoints/step_000012/``::
 
-    model/          HF format (config, safetensors, tokenizer/processor files): ``from_pretrained`` loads it
+    model/          HF format (config, safetensors, tokenizer/processor files): ``from_pretrained`` loads it;
+                    with LoRA the adapters only, in peft's format (``PeftModel.from_pretrained(base, model/)``)
     trainer.pt      optimizer + LR schedule (FSDP2: FQN-keyed full state dicts; not under DeepSpeed)
     deepspeed/      ``engine.save_checkpoint`` (ZeRO partitions of weights and optimizer; DeepSpeed only)
     rng_rank{r}.pt  python / numpy / torch (+ CUDA) RNG states of rank r
@@ -44,6 +45,7 @@ import torch
 
 from vr1fast import dist
 from vr1fast.errors import ConfigError
+from vr1fast.model import lora
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -223,7 +225,10 @@ def save(root: Path, step: int, policy: dist.Wrapped, *, info: dist.DistInfo, pr
     dist.save_state(policy, tmp, info)
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.is_main:
-        policy.model.save_pretrained(tmp / "model", state_dict=weights)
+        if lora.is_lora(policy.model):
+            lora.save_adapter(policy.model, weights, tmp / "model")
+        else:
+            policy.model.save_pretrained(tmp / "model", state_dict=weights)
         processor.save_pretrained(tmp / "model")
         for name in _PROCESSOR_FILES:
             src = Path(source_dir or "") / name

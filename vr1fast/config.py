@@ -316,6 +316,11 @@ def validate(cfg: Config) -> None:
         (not (cfg.model.share_prompt and cfg.model.attn_implementation == "eager"),
          "model.share_prompt=true needs attention sdpa or flash_attention_2, not model.attn_implementation=eager; "
          "set one of them differently"),
+        (cfg.model.lora.rank >= 1 and cfg.model.lora.alpha > 0 and 0.0 <= cfg.model.lora.dropout < 1.0,
+         "model.lora.rank must be >= 1, model.lora.alpha > 0, model.lora.dropout in [0, 1)"),
+        (not (cfg.model.lora.enabled and cfg.model.lora.vision == "lora" and cfg.model.freeze_vision),
+         "model.lora.vision=lora adapts the vision tower that model.freeze_vision=true freezes; set one of them "
+         "differently"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.max_grad_norm > 0, "optim.max_grad_norm must be > 0"),
         (cfg.train.prompts_per_rank >= 1, "train.prompts_per_rank must be >= 1"),

@@ -13,8 +13,9 @@ table, ``vr1fast.precision.precision_plan``, applied by every strategy to both m
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -23,16 +24,19 @@ from vr1fast.config import Config, DistConfig
 from vr1fast.dist import deepspeed, fsdp2, replica
 from vr1fast.dist.group import (DistInfo, abort, any_rank, barrier, broadcast_object, gather_to_main, init, once,
                                 print0, reduce_metrics, seed_everything, step_seed, teardown)
-from vr1fast.dist.wrapped import Runner, Wrapped, autocast, lm_head_weight, vision_tower
+from vr1fast.dist.wrapped import (ContextRunner, Runner, SharedReference, Wrapped, autocast, lm_head_weight,
+                                  vision_tower)
+from vr1fast.errors import ConfigError
 from vr1fast.precision import Precision
 
 __all__ = ["DistInfo", "Runner", "Wrapped", "abort", "any_rank", "autocast", "backward", "barrier",
            "broadcast_object", "clip_grad_norm", "close", "full_state_dict", "gather_to_main", "gathered_for_generation", "grad_sync",
            "init", "lm_head_weight", "load_state", "once", "optimizer_step", "prepare", "print0", "reduce_metrics",
-           "rollout_call", "save_state", "seed_everything", "step_seed", "teardown", "vision_tower", "wrap_policy",
-           "wrap_reference"]
+           "rollout_call", "save_state", "seed_everything", "SharedReference", "step_seed", "teardown", "vision_tower",
+           "wrap_policy", "wrap_reference"]
 
 _STRATEGIES = {"none": replica, "ddp": replica, "fsdp2": fsdp2, "deepspeed": deepspeed}
+_POLICIES: "weakref.WeakValueDictionary[int, Wrapped]" = weakref.WeakValueDictionary()  # id(model) -> its policy
 
 
 def prepare(cfg: Config, info: DistInfo, precision: Precision, data_types: set[str], hidden_size: int) -> Any:
@@ -46,12 +50,23 @@ def wrap_policy(model: nn.Module, info: DistInfo, cfg: DistConfig, *, precision:
                 make_optimizer: Callable, make_scheduler: Callable, plan: Any = None) -> Wrapped:
     """Move/shard the trainable policy and build its optimizer (``make_optimizer([(name, param), ...])``) and LR
     schedule (``make_scheduler(optimizer)``), in the mixed precision of ``precision``."""
-    return _STRATEGIES[info.strategy].wrap_policy(model, info, precision, make_optimizer, make_scheduler, plan)
+    wrapped = _STRATEGIES[info.strategy].wrap_policy(model, info, precision, make_optimizer, make_scheduler, plan)
+    _POLICIES[id(model)] = wrapped
+    return wrapped
 
 
-def wrap_reference(model: nn.Module, info: DistInfo, *, precision: Precision, plan: Any = None) -> Wrapped:
+def wrap_reference(model: Union[nn.Module, SharedReference], info: DistInfo, *, precision: Precision,
+                   plan: Any = None) -> Wrapped:
     """The frozen reference, wrapped like the policy so that it computes as the policy does at step 1. Its dtype
-    is the caller's (built as the policy was); nothing here casts it."""
+    is the caller's (built as the policy was); nothing here casts it. A :class:`SharedReference` (LoRA: the policy
+    with its adapters disabled) runs through the already wrapped policy's runner inside its context."""
+    if isinstance(model, SharedReference):
+        policy = _POLICIES.get(id(model.policy))
+        if policy is None:
+            raise ConfigError("dist.wrap_reference: a reference that shares the policy's weights needs the policy "
+                              "wrapped first (dist.wrap_policy)")
+        return Wrapped(ContextRunner(policy.runner, model.context), policy.model, policy.strategy, precision,
+                       zero_stage=policy.zero_stage, plan=plan)
     model.requires_grad_(False).eval()
     return _STRATEGIES[info.strategy].wrap_reference(model, info, precision, plan)
 

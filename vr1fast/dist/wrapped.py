@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -41,6 +41,28 @@ class Wrapped:
     engine: Optional[Any] = None     # the DeepSpeed engine (== runner) under deepspeed
     zero_stage: int = 0
     plan: Optional[Any] = None       # what the strategy decided before the models existed (dist.prepare)
+
+
+@dataclass
+class SharedReference:
+    """A reference that is the policy's own module run inside ``context()``: LoRA's adapter-disabled base
+    (``vr1fast.model.lora.reference``), no second copy of the weights. ``dist.wrap_reference`` turns it into a
+    :class:`Wrapped` whose runner is the wrapped policy's, so DDP, FSDP2 and ZeRO-3 run it as they run the policy."""
+
+    policy: nn.Module
+    context: Callable[[], ContextManager]
+
+
+class ContextRunner:
+    """``ContextRunner(runner, context)(fn, ...)``: ``runner(fn, ...)`` inside ``context()``. Not a module, so the
+    policy's parameters are not registered a second time (the reference's ``Wrapped.runner``)."""
+
+    def __init__(self, runner: nn.Module, context: Callable[[], ContextManager]):
+        self.runner, self.context = runner, context
+
+    def __call__(self, fn: Callable, *args, **kwargs):
+        with self.context():
+            return self.runner(fn, *args, **kwargs)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -14,6 +14,8 @@
   tokens (eos = [<|im_end|>, <|endoftext|>], pad = bos = <|endoftext|>).
 - ``reference_model(policy_or_path, beta)``: the frozen initial policy for the k3 KL term (Video-R1 loads a
   second copy of the starting checkpoint and never updates it); ``None`` when β = 0.
+- ``build_models(cfg, ...)`` with ``model.lora.enabled``: the base with peft LoRA adapters (``vr1fast.model.lora``);
+  the reference is the policy with its adapters disabled, as Video-R1 with PEFT.
 
 Every loader takes ``rope_positions`` ("videor1", the default: Video-R1's transformers 4.x M-RoPE positions, or
 "transformers": the installed 5.x ones; ``vr1fast.model.rope``); a deep copy keeps the choice.
@@ -39,6 +41,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
 from vr1fast.config import ModelConfig
 from vr1fast.errors import ConfigError
+from vr1fast.model import lora
 from vr1fast.model.qwen import TINY_TEXT, TINY_VISION
 from vr1fast.model.rope import RopePositions, use_rope_positions
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE, build_tiny_tokenizer, token_ids
@@ -235,7 +238,9 @@ def build_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: 
     The policy comes from ``init`` (a checkpoint's model folder, when resuming) or the configured source; the
     reference (β ≠ 0) always from the configured source: it is the frozen *initial* policy. ``warm`` (the demo's
     warm-started tiny model) overrides the configured source's weights: in the reference, and in the policy
-    unless it is resumed."""
+    unless it is resumed. With ``model.lora.enabled`` see :func:`_lora_models`."""
+    if cfg.lora.enabled:
+        return _lora_models(cfg, beta=beta, dtype=dtype, attn=attn, init=init, warm=warm)
     source = dataclasses.replace(cfg, dtype=dtype, attn_implementation=attn,
                                  path=str(init) if init else cfg.path)
     policy, tokenizer = build_model(source, device="cpu")
@@ -252,6 +257,20 @@ def build_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: 
     if warm is not None:
         load_weights(ref, warm)
     return policy, freeze(ref), tokenizer
+
+
+def _lora_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: Optional[Path],
+                 warm: Optional[Path]):
+    """LoRA: the base is always the configured source (with ``warm``'s weights), the adapters come fresh
+    (``lora_B`` = 0) or from ``init`` (a LoRA checkpoint's model folder holds adapters only); the reference is the
+    policy itself with its adapters disabled (``model.lora.reference``), not a second model."""
+    policy, tokenizer = build_model(dataclasses.replace(cfg, dtype=dtype, attn_implementation=attn), device="cpu")
+    if warm is not None:
+        load_weights(policy, warm)
+    lora.apply_lora(policy, cfg.lora, base=warm or cfg.path)
+    if init is not None:
+        lora.load_adapter(policy, init)
+    return policy, (None if beta == 0 else lora.reference(policy)), tokenizer
 
 
 def text_hidden_size(cfg: ModelConfig) -> int:
