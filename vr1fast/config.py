@@ -51,6 +51,8 @@ class DataConfig:
     synthetic_size: int = 24              # records in the synthetic set
     synthetic_seed: int = 0               # seed of the synthetic set
     eval_mode: bool = False               # eval prompt variant
+    frame_cache: Optional[str] = None     # directory caching sampled, resized frames (vr1fast.data.frame_cache)
+    frame_cache_gb: float = 100.0         # its size cap: least recently used entries are deleted past it
 
 
 @dataclass
@@ -311,6 +313,7 @@ def validate(cfg: Config) -> None:
          "video.max_frames must be >= video.min_frames >= 1"),
         (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),
         (cfg.video.fps > 0, "video.fps must be > 0"),
+        (0 < cfg.data.frame_cache_gb < float("inf"), "data.frame_cache_gb must be a positive, finite size in GB"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
         (cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1"),
         (not (cfg.model.share_prompt and cfg.model.attn_implementation == "eager"),

@@ -22,11 +22,14 @@ qwen-vl-utils and transformers do; Video-R1's copy returns a 0 side for aspect r
 crashes); an unreadable file raises :class:`~vr1fast.errors.MediaError` instead of falling back to
 torchvision or to another sample; ``video_start``/``video_end`` are not supported (Video-R1's decord path
 raises for them too).
+
+With a :class:`~vr1fast.data.frame_cache.FrameCache` (``data.frame_cache``) the sampled, resized frames of a video
+are read back from disk after the first time, keyed by the file and :func:`cache_settings`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -36,13 +39,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vr1fast.config import VideoConfig
-from vr1fast.data.decode import decode_frames
+from vr1fast.data.decode import decode_frames, decord_available
+from vr1fast.data.frame_cache import FrameCache
 from vr1fast.errors import MediaError
 from vr1fast.model.qwen import IMAGE_FACTOR
 
 PathLike = Union[str, Path]
 _DEFAULTS = VideoConfig()
 _RESIZE_CHUNK_ELEMS = 1 << 25  # float32 elements per interpolate call (128 MiB in, bounded memory)
+_NOT_FRAME_SETTINGS = ("image_min_pixels", "image_max_pixels", "decode_timeout_s")
+FRAME_CACHE_VERSION = 1  # part of every frame-cache key: bump when decoding, sampling or resizing changes its output
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,13 +156,7 @@ def resize_frames(frames: torch.Tensor, height: int, width: int, chunk: Optional
     return out
 
 
-def read_video(path: PathLike, cfg: Optional[VideoConfig] = None) -> Frames:
-    """Decode, sample and resize one video as Video-R1 trains (cfg None = ``VideoConfig()``).
-
-    Raises MediaError naming ``path`` for a missing, empty, truncated or undecodable file, one with too few
-    frames, an extreme aspect ratio, or a decode slower than ``cfg.decode_timeout_s``.
-    """
-    cfg = cfg or _DEFAULTS
+def _decode_video(path: PathLike, cfg: VideoConfig) -> Frames:
     decoded = decode_frames(path, lambda total, fps: sample_frame_indices(total, fps, cfg),
                             backend=cfg.backend, timeout_s=cfg.decode_timeout_s)
     n, h, w, _ = decoded.frames.shape
@@ -170,14 +170,45 @@ def read_video(path: PathLike, cfg: Optional[VideoConfig] = None) -> Frames:
     return Frames(frames, decoded.indices, decoded.total_frames, decoded.video_fps, sample_fps)
 
 
-def load_video(path: PathLike, cfg: Optional[VideoConfig] = None) -> torch.Tensor:
+def cache_settings(cfg: VideoConfig) -> dict:
+    """What a frame-cache key holds besides the file: every VideoConfig field that can change a video's frames (all
+    but the image bounds and the timeout), with ``backend`` resolved (auto is decord where installed) and the cache
+    format version."""
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_FRAME_SETTINGS}
+    settings["backend"] = "decord" if cfg.backend != "pyav" and decord_available() else "pyav"
+    return settings | {"version": FRAME_CACHE_VERSION}
+
+
+def read_video(path: PathLike, cfg: Optional[VideoConfig] = None, cache: Optional[FrameCache] = None) -> Frames:
+    """Decode, sample and resize one video as Video-R1 trains (cfg None = ``VideoConfig()``); with ``cache``
+    (``frame_cache.frame_cache(data_cfg)``) read back the frames of an earlier call instead, else store them.
+
+    Raises MediaError naming ``path`` for a missing, empty, truncated or undecodable file, one with too few
+    frames, an extreme aspect ratio, or a decode slower than ``cfg.decode_timeout_s``.
+    """
+    cfg = cfg or _DEFAULTS
+    if cache is None:
+        return _decode_video(path, cfg)
+
+    def build() -> tuple[torch.Tensor, dict]:
+        f = _decode_video(path, cfg)
+        return f.frames, dict(indices=list(f.indices), total_frames=f.total_frames, video_fps=f.video_fps,
+                              sample_fps=f.sample_fps)
+
+    frames, meta = cache.fetch(path, cache_settings(cfg), build)
+    return Frames(frames, tuple(meta["indices"]), meta["total_frames"], meta["video_fps"], meta["sample_fps"])
+
+
+def load_video(path: PathLike, cfg: Optional[VideoConfig] = None, cache: Optional[FrameCache] = None) -> torch.Tensor:
     """uint8 [T, H, W, 3]: the frames of :func:`read_video`."""
-    return read_video(path, cfg).frames
+    return read_video(path, cfg, cache).frames
 
 
-def load_media(path: PathLike, data_type: str, cfg: Optional[VideoConfig] = None) -> torch.Tensor:
-    """A record's media by its ``data_type``: "video" → :func:`load_video`, otherwise :func:`load_image`."""
-    return load_video(path, cfg) if data_type == "video" else load_image(path, cfg)
+def load_media(path: PathLike, data_type: str, cfg: Optional[VideoConfig] = None,
+               cache: Optional[FrameCache] = None) -> torch.Tensor:
+    """A record's media by its ``data_type``: "video" → :func:`load_video` (through ``cache`` when given),
+    otherwise :func:`load_image` (never cached: decoding an image costs about what reading it back would)."""
+    return load_video(path, cfg, cache) if data_type == "video" else load_image(path, cfg)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
