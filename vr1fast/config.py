@@ -88,9 +88,9 @@ class ModelConfig:
     tiny_seed: int = 0                    # init seed of the tiny model
     rope_positions: Literal["videor1", "transformers"] = "videor1"  # M-RoPE: Video-R1's transformers 4.x rule
     # (text after a video resumes at max(t, h, w) + 1) or the installed 5.x one; see vr1fast.model.rope
-    warmstart_steps: int = 0              # demo only (Video-R1 starts from an SFT checkpoint): teacher-forced steps
-    # of the tiny model on the synthetic SFT set before RL, cached (vr1fast.warmstart); 0 = off
-    warmstart_lr: float = 3e-3            # AdamW learning rate of the warm start
+    warmstart_steps: int = 0              # demo only (Video-R1 starts from an SFT checkpoint): steps of vr1fast.sft
+    # on the synthetic SFT set that warm-start the tiny model before RL, cached (vr1fast.warmstart); 0 = off
+    warmstart_lr: float = 3e-3            # AdamW learning rate of the warm start (cosine to 0, clip 1)
     warmstart_batch_size: int = 4         # SFT examples per warm-start step
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (model.lora.*)
 
@@ -124,6 +124,10 @@ class SFTConfig:
 
     labels: Literal["completion", "videor1"] = "completion"  # completion: the loss covers the assistant target
     # only; videor1: Video-R1's labels (every token but the padding, system/user text and video pads included)
+    loss_norm: Literal["example", "token"] = "example"  # example: each example's mean NLL over its labelled
+    # tokens, averaged over the step's examples on the rank (Video-R1 at batch 1: each micro-batch's mean loss,
+    # averaged over the accumulation steps); token: the mean over every labelled token of the step on the rank
+    # (HF's num_items_in_batch). Either way the ranks' losses are averaged and batching does not change the value
 
 
 @dataclass
@@ -294,7 +298,32 @@ def demo() -> Config:
     return cfg
 
 
-PRESETS = {"demo": demo, "videor1": videor1}
+def videor1_sft() -> Config:
+    """Video-R1's SFT cold start (``sft_video.py``, ``run_sft_video.sh``) for ``python -m vr1fast.sft``: lr 1e-6, the
+    linear schedule with no warmup, weight decay 0 (HF's default), one epoch, clip 5, bf16 where CUDA is (as
+    ``videor1``), gradient checkpointing, a checkpoint every 1000 steps, 1 example per rank x 2 accumulation steps;
+    ``--dist.strategy=deepspeed`` gives ZeRO-2 as Video-R1's ``zero2.json``. Its records are COT-165k-schema
+    (``data.path``, each with ``process``)."""
+    cfg = Config(preset="videor1_sft")
+    cfg.optim = OptimConfig(lr=1e-6, weight_decay=0.0, scheduler="linear", warmup_steps=0, max_grad_norm=5.0)
+    cfg.train = TrainConfig(max_steps=0, prompts_per_rank=1, grad_accum=2, output_dir="runs/sft", save_every=1000)
+    cfg.dist = DistConfig(zero_stage=2)
+    return cfg
+
+
+def sft_demo() -> Config:
+    """``python -m vr1fast.sft`` with no argument: ``videor1_sft`` on the synthetic set's SFT records with the tiny
+    model at the demo's frame size, a toy learning rate and a 40-step CPU run."""
+    cfg = videor1_sft()
+    cfg.preset = "sft_demo"
+    cfg.video = demo().video
+    cfg.optim.lr = 3e-3
+    cfg.train = TrainConfig(max_steps=40, prompts_per_rank=4, output_dir="runs/sft_demo", save_every=20)
+    cfg.model = ModelConfig(gradient_checkpointing=False)
+    return cfg
+
+
+PRESETS = {"demo": demo, "videor1": videor1, "videor1_sft": videor1_sft, "sft_demo": sft_demo}
 
 
 def validate(cfg: Config) -> None:
