@@ -215,3 +215,35 @@ def test_bench_train_forward_refuses_7b_without_gpu(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "bench_train_forward.py"), "--shape", "7b", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "--shape 7b needs a CUDA GPU" in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_bench_patchify_cpu_smoke(tmp_path):
+    """bench_patchify.py: the Triton kernel, today's processor and the reference timed per case and frame count (an
+    odd T included), the bytes moved (uint8 frames in + pixel_values out) as the rate, and the kernel's output
+    compared with the CPU reference (exact in fp32)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_patchify.py"), "--cpu-smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "patchify.csv").open() as f:
+        assert next(csv.reader(f)) == _harness.FIELDS
+    rows = list(csv.DictReader((tmp_path / "patchify.csv").open()))
+    cases, impls = ("patchify_fp32", "patchify_bf16", "shuffled_fp32"), ("vr1fast", "torch_eager", "vr1fast_reference")
+    assert {(r["case"], r["impl"], r["N"]) for r in rows} == {(c, i, n) for c in cases for i in impls for n in "43"}
+    for r in rows:
+        assert 0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) and r["unit"] == "GB/s", r
+        assert r["gpu"] == "cpu (smoke)" and r["commit"] and (r["H"], r["V"]) == ("28", "56"), r
+        t, size = int(r["N"]), 4 if r["dtype"] == "fp32" else 2
+        moved = t * 28 * 56 * 3 + -(-t // 2) * 2 * 4 * 1176 * size
+        assert float(r["rate"]) == pytest.approx(moved / float(r["ms_p50"]) / 1e6, rel=2e-3), r
+        if r["impl"] == "vr1fast" and size == 4:
+            assert r["note"].endswith("equal to the CPU reference"), r
+        elif r["impl"] == "vr1fast":  # the interpreter truncates to bf16: within one bf16 ulp of values below 4
+            assert 0 < float(r["note"].rsplit(" ", 1)[1]) <= 2.0 ** -6, r
+    assert (tmp_path / "patchify.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run for real")
+def test_bench_patchify_refuses_without_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_patchify.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr and not any(tmp_path.iterdir())
