@@ -99,6 +99,12 @@ def test_bad_inputs_name_the_argument(fn):
             fn(*args)
 
 
+def test_offsets_over_int32_are_refused():
+    frames = torch.empty(2**31 // (224 * 420 * 3) + 1, 224, 420, 3, device="meta", dtype=torch.uint8)
+    with pytest.raises(ValueError, match="need 64-bit offsets"):
+        patchify.patchify_launch(frames)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [16, 15])
 def test_compiled_kernel_at_videor1_shape(t):
@@ -116,5 +122,5 @@ def test_compiled_kernel_at_videor1_shape(t):
 def test_aot_compile_sm90():
     results = aot_check("vr1fast.kernels.patchify")
     assert len(results) == len(patchify.aot_variants()) == 4
-    for r in results:  # measured: 62–72 registers per thread, no local memory
-        assert r["cubin"] > 0 and r["local"] == 0 and r["stack"] == 0 and r["registers"] <= 96, r
+    for r in results:  # measured: 62 (fp32) and 64 (bf16) registers per thread, no local memory
+        assert r["cubin"] > 0 and r["local"] == 0 and r["stack"] == 0 and r["registers"] <= 80, r

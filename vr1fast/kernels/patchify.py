@@ -14,8 +14,10 @@ truncates instead: within 1 bf16 ulp there).
 Grid: 1-D, BLOCK_R output rows per program; a program writes, for each of the 6 (c, dt) slices, a [BLOCK_R, 256]
 tile of which 196 columns are live (one 14×14 patch per row, contiguous in the output). Reads are byte gathers at
 the channel stride 3; 1 byte comes in per 4 (fp32) or 2 (bf16) bytes written, so the kernel is bound by its writes.
-uint8 input has no gradient: no ``autograd.Function``. perm is int64 [T] on the frames' device, checked to be a
-permutation on the CPU only (a GPU check would sync; a bad perm on the GPU reads out of bounds).
+uint8 input has no gradient: no ``autograd.Function``. perm is any integer [T] tensor on the frames' device (read as
+int32), checked to be a permutation on the CPU only (a GPU check would sync; a bad perm on the GPU reads out of
+bounds). Offsets are 32-bit: frames and pixel_values must each hold fewer than 2^31 elements (a 64-frame 720p video
+holds 177M).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from vr1fast.kernels._triton import Launch, check_device
 from vr1fast.kernels.reference import check_patchify
 from vr1fast.model.qwen import CLIP_MEAN, CLIP_STD, PATCH_DIM, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
-BLOCK_R = 8     # output rows per program: a [8, 256] tile per (channel, time) slice, 8 warps (≤ 72 registers)
+BLOCK_R = 8     # output rows per program: a [8, 256] tile per (channel, time) slice; 8 warps: 62-64 registers
 PATCH_PAD = 256  # 14 × 14 = 196 pixels of one patch, padded to a power of two
 
 
@@ -71,9 +73,12 @@ def patchify_launch(frames: Tensor, perm: Optional[Tensor] = None, dtype: torch.
     t, h, w, _ = frames.shape
     gt, gh, gw = -(-t // TEMPORAL_PATCH_SIZE), h // PATCH_SIZE, w // PATCH_SIZE
     n = gt * gh * gw
+    if frames.numel() >= 2**31 or n * PATCH_DIM >= 2**31:
+        raise ValueError(f"patchify: frames {tuple(frames.shape)} need 64-bit offsets (the kernel's are 32-bit): "
+                         f"patchify fewer frames at a time")
     mean, std = _clip_constants(frames.device)
     out = torch.empty(n, PATCH_DIM, device=frames.device, dtype=dtype)
-    args = dict(frames=frames.contiguous(), perm=mean if perm is None else perm.long().contiguous(), mean=mean,
+    args = dict(frames=frames.contiguous(), perm=mean if perm is None else perm.int().contiguous(), mean=mean,
                 std=std, out=out, N=n, T=t, H=h, W=w, GH=gh, GW=gw)
     constexprs = dict(BLOCK_R=BLOCK_R, HAS_PERM=perm is not None, PATCH=PATCH_SIZE, PAD=PATCH_PAD)
     return Launch(_patchify_kernel, (triton.cdiv(n, BLOCK_R),), args, constexprs, num_warps=8, num_stages=1)
@@ -90,5 +95,5 @@ def patchify_frames(frames: Tensor, perm: Optional[Tensor] = None, dtype: torch.
 def aot_variants() -> list[Launch]:
     """Every constexpr variant (perm or not) in both output dtypes at Video-R1's training frame size."""
     frames = torch.empty(16, 224, 420, 3, device="meta", dtype=torch.uint8)
-    perm = torch.empty(16, device="meta", dtype=torch.long)
+    perm = torch.empty(16, device="meta", dtype=torch.int32)
     return [patchify_launch(frames, p, dtype) for dtype in (torch.float32, torch.bfloat16) for p in (None, perm)]
