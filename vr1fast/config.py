@@ -137,7 +137,9 @@ class EvalConfig:
     benchmarks: tuple[str, ...] = ()      # eval JSON files in Video-R1's eval schema; empty = the synthetic
     # held-out set
     output_dir: str = "runs/eval"         # per benchmark: <name>.jsonl (items, resumable) and <name>.summary.json
-    sampling: Literal["greedy", "videor1"] = "videor1"  # videor1: temperature 0.1, top-p 0.001 (Video-R1's eval)
+    sampling: Literal["greedy", "videor1"] = "videor1"  # videor1: eval.temperature, eval.top_p, no top-k (Video-R1)
+    temperature: float = 0.1              # sampling=videor1's temperature
+    top_p: float = 0.001                  # sampling=videor1's nucleus mass
     max_new_tokens: int = 1024            # Video-R1's eval cap
     batch_size: int = 8                   # prompts per generate call on each rank
     shuffled: bool = False                # also answer every video item on shuffled frames: ordered accuracy,
@@ -145,8 +147,11 @@ class EvalConfig:
     rules: Literal["videor1_eval", "train"] = "videor1_eval"  # OCR / free-form: 0 (Video-R1's eval) or training's
     # WER / ROUGE rewards
     resume: bool = True                   # continue an existing <name>.jsonl (the summary scores every item)
-    every: int = 0                        # training: evaluate on the held-out set every N steps (0 = off)
-    heldout_size: int = 16                # records of the synthetic held-out set
+    real_fps: bool = True                 # M-RoPE time 2 / sampled fps (Video-R1's eval); false: data's spg
+    every: int = 0                        # training: held-out eval/accuracy, ordered, shuffled, gap every N steps
+    final: bool = False                   # training: at the end, the start model and last checkpoint side by side
+    heldout_size: int = 16                # records of the synthetic held-out set (<data.synthetic_dir>-heldout)
+    heldout_seed: int = 1000              # its seed; must differ from data.synthetic_seed (other records)
 
 
 @dataclass
@@ -295,6 +300,7 @@ def demo() -> Config:
     cfg.train = TrainConfig(max_steps=12, prompts_per_rank=2, output_dir="runs/demo", save_every=6)
     cfg.model = ModelConfig(gradient_checkpointing=False, warmstart_steps=300)
     cfg.metrics = MetricsConfig(samples_every=6)
+    cfg.eval = EvalConfig(sampling="greedy", max_new_tokens=96, batch_size=16, final=True, heldout_size=8)
     return cfg
 
 
@@ -323,7 +329,16 @@ def sft_demo() -> Config:
     return cfg
 
 
-PRESETS = {"demo": demo, "videor1": videor1, "videor1_sft": videor1_sft, "sft_demo": sft_demo}
+def videor1_eval() -> Config:
+    """Video-R1's benchmark eval (eval_bench.py): eval prompt, 32 (16/64) frames at 256*28*28, T 0.1, top-p 0.001."""
+    cfg = Config(preset="videor1_eval")
+    cfg.video = eval_video(32)
+    cfg.data.eval_mode = True
+    return cfg
+
+
+PRESETS = {"demo": demo, "videor1": videor1, "videor1_sft": videor1_sft, "sft_demo": sft_demo,
+           "videor1_eval": videor1_eval}
 
 
 def validate(cfg: Config) -> None:
@@ -368,6 +383,10 @@ def validate(cfg: Config) -> None:
          f"pass --model.warmstart_steps=0"),
         (cfg.model.warmstart_lr > 0 and cfg.model.warmstart_batch_size >= 1,
          "model.warmstart_lr must be > 0 and model.warmstart_batch_size >= 1"),
+        (min(cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.heldout_size, cfg.eval.every + 1) >= 1,
+         "eval.max_new_tokens, eval.batch_size and eval.heldout_size must be >= 1, eval.every >= 0"),
+        (cfg.eval.temperature > 0 and 0.0 < cfg.eval.top_p <= 1.0, "eval.temperature must be > 0, top_p in (0, 1]"),
+        (cfg.eval.heldout_seed != cfg.data.synthetic_seed, "eval.heldout_seed must differ from data.synthetic_seed"),
     ]
     for ok, message in checks:
         if not ok:
