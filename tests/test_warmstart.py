@@ -1,8 +1,6 @@
-"""The demo's teacher-forced warm start on real synthetic videos and images with the real tiny model."""
-import json
-import math
-import re
-import shutil
+"""The demo's warm start (a short cached run of vr1fast.sft) on real synthetic videos and images with the real tiny
+model."""
+import random
 import time
 from pathlib import Path
 
@@ -10,112 +8,82 @@ import pytest
 import torch
 
 from vr1fast.cli import parse as parse_args
-from vr1fast.config import VideoConfig, demo
-from vr1fast.data.dataset import load_records
-from vr1fast.data.prompts import build_sft_messages, sft_target
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.errors import ConfigError
 from vr1fast.model.load import load_weights, tiny_model
-from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE
-from vr1fast.warmstart import (assistant_loss, cache_key, cached_warm_start, collate_sft,
-                               sft_examples, warm_start)
-
-VIDEO = demo().video
-KINDS = ("direction", "ocr", "count_image")  # two videos and an image, targets of different lengths
+from vr1fast.warmstart import cache_key, cached_warm_start, configured_warm_start, warm_start, warm_start_config
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
+    """A set of this module's own: the cache tests list the warm_* folders beside it."""
     out = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(out, n=8, seed=0)
     return out
 
 
-@pytest.fixture(scope="module")
-def subset(synthetic, tmp_path_factory) -> Path:
-    """sft.json with three records of ``KINDS`` and their media, in a folder of its own."""
-    folder = tmp_path_factory.mktemp("subset")
-    records = [r for r in json.loads((synthetic / "sft.json").read_text())
-               if r["data_source"].split("/")[-1] in KINDS]
-    for r in records:
-        (folder / r["path"]).parent.mkdir(exist_ok=True)
-        shutil.copy(synthetic / r["path"], folder / r["path"])
-    (folder / "sft.json").write_text(json.dumps(records))
-    return folder / "sft.json"
-
-
-@pytest.fixture(scope="module")
-def samples(subset):
-    return list(load_records(subset, require_process=True))
+def _cfg(synthetic: Path, *extra: str):
+    return parse_args([f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", "--model.warmstart_lr=1e-2",
+                       "--model.warmstart_batch_size=3", *extra])
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_only_the_assistant_target_is_supervised(samples):
-    _, tok = tiny_model(0)
-    examples = sft_examples(tok, samples, VIDEO)
-    inputs, labels = collate_sft(examples, tok.pad_token_id)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    pad = re.compile(r"(<\|(?:video|image)_pad\|>)+")
-    for b, sample in enumerate(samples):
-        target = tok(sft_target(sample), add_special_tokens=False)["input_ids"]
-        supervised = labels[b] != -100
-        assert int(supervised.sum()) == len(target) + 1                       # + <|im_end|>
-        assert labels[b, supervised].tolist() == target + [tok.convert_tokens_to_ids("<|im_end|>")]
-        start = int(supervised.nonzero()[0])
-        assert supervised[start:].all() and (labels[b, :start] == -100).all()  # prompt and padding excluded
-        assert mask[b, :start].sum() > 0 and (mask[b, :ids.shape[1] - int(mask[b].sum())] == 0).all()
-        # the row, media pads collapsed, is the chat template's rendering of the whole SFT conversation
-        row = pad.sub(r"\1", tok.decode(ids[b, mask[b].bool()].tolist()))
-        assert row + "\n" == tok.apply_chat_template(build_sft_messages(sample), tokenize=False)
-    assert len(set(mask.sum(1).tolist())) == len(samples)  # rows of different lengths: left padding exercised
+def test_the_warm_start_is_a_run_of_vr1fast_sft(synthetic):
+    cfg = _cfg(synthetic, "--model.warmstart_steps=7", "--train.seed=5", "--data.path=/elsewhere.json",
+               "--model.tiny_seed=3")
+    sft = warm_start_config(cfg)
+    assert (sft.train.max_steps, sft.train.prompts_per_rank, sft.train.grad_accum, sft.train.seed) == (7, 3, 1, 5)
+    assert (sft.optim.lr, sft.optim.scheduler, sft.optim.warmup_steps, sft.optim.weight_decay,
+            sft.optim.max_grad_norm) == (1e-2, "cosine", 0, 0.0, 1.0)
+    assert sft.data.path is None and sft.data.synthetic_dir == str(synthetic) and sft.video == cfg.video
+    assert (sft.model.path, sft.model.tiny_seed, sft.model.warmstart_steps, sft.train.bf16) == (None, 3, 0, False)
+    assert sft.sft.labels == "completion" and sft.dist.strategy == "auto"
 
 
-def test_loss_starts_near_uniform_and_falls(samples):
-    model, tok = tiny_model(0)
-    inputs, labels = collate_sft(sft_examples(tok, samples, VIDEO), tok.pad_token_id)
-    with torch.no_grad():
-        before = assistant_loss(model, inputs, labels).item()
-    assert before == pytest.approx(math.log(MODEL_VOCAB_SIZE), abs=0.2)  # std-0.02 init: near-uniform logits
-    stats = warm_start(model, tok, samples, VIDEO, steps=20, lr=1e-2, batch_size=3, seed=0)
-    with torch.no_grad():
-        after = assistant_loss(model, inputs, labels).item()
-    assert after < 0.6 * before, (before, after)
-    assert stats["loss_first"] > stats["loss_last"] and stats["steps"] == 20 and stats["examples"] == 3
-    assert stats["supervised_tokens"] == 20 * int((labels != -100).sum())  # every step sees all three records
+def test_loss_falls_the_weights_move_and_global_rngs_are_left_alone(synthetic):
+    cfg = warm_start_config(_cfg(synthetic, "--model.warmstart_steps=12"))
+    torch.manual_seed(123)
+    random.seed(123)
+    before = (torch.get_rng_state(), random.getstate())
+    model, _, stats = warm_start(cfg)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (stats["steps"], stats["examples"]) == (12, 8) and stats["supervised_tokens"] > 12 * 3 * 20
+    assert stats["loss_last"] < stats["loss_first"], stats  # means of the first and last 10 steps
+    initial = _weights(tiny_model(0)[0])
+    assert max((v - initial[k]).abs().max().item() for k, v in _weights(model).items()) > 1e-3
 
 
-def test_same_seed_same_weights(samples):
-    runs = []
-    for seed in (0, 0, 1):
-        model, tok = tiny_model(0)
-        warm_start(model, tok, samples, VIDEO, steps=3, lr=3e-3, batch_size=2, seed=seed)
-        runs.append(_weights(model))
+def test_same_seed_same_weights(synthetic):
+    runs = [_weights(warm_start(warm_start_config(_cfg(synthetic, "--model.warmstart_steps=2",
+                                                       f"--train.seed={seed}")))[0]) for seed in (0, 0, 1)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # another order of records
 
 
-def test_cache_is_reused_and_keyed(subset):
-    settings = dict(tiny_seed=0, steps=4, lr=3e-3, batch_size=2, seed=0)
-    first = cached_warm_start(subset, VIDEO, **settings)
+def test_cache_is_reused_and_keyed(synthetic):
+    cfg = _cfg(synthetic, "--model.warmstart_steps=2")
+    first = configured_warm_start(cfg)
     started = time.perf_counter()
-    again = cached_warm_start(subset, VIDEO, **settings)
+    again = configured_warm_start(cfg)
     assert (first.reused, again.reused, again.path, again.stats) == (False, True, first.path, first.stats)
     assert time.perf_counter() - started < 1.0
-    assert (first.path / "config.json").is_file() and first.path.parent == subset.parent
+    assert set(first.stats) == {"steps", "examples", "supervised_tokens", "loss_first", "loss_last", "seconds"}
+    assert (first.path / "config.json").is_file() and first.path.parent == synthetic
     model = load_weights(tiny_model(0)[0], first.path)
     initial = _weights(tiny_model(0)[0])
     assert max((v - initial[k]).abs().max().item() for k, v in _weights(model).items()) > 1e-3
-    other = cached_warm_start(subset, VIDEO, **{**settings, "steps": 5})
-    assert not other.reused and other.path != first.path and other.stats["steps"] == 5
-    assert sorted(p.name for p in subset.parent.iterdir() if p.name.startswith((".", "warm"))) == sorted(
+    other = cached_warm_start(warm_start_config(_cfg(synthetic, "--model.warmstart_steps=3")))
+    assert not other.reused and other.path != first.path and other.stats["steps"] == 3
+    assert sorted(p.name for p in synthetic.iterdir() if p.name.startswith((".tmp", ".warm", "warm"))) == sorted(
         [first.path.name, other.path.name])  # no temporary folders left behind
-    keys = {cache_key(subset, v, **{**settings, "rope_positions": r, "lr": lr})
-            for v, r, lr in ((VIDEO, "videor1", 3e-3), (VideoConfig(), "videor1", 3e-3),
-                             (VIDEO, "transformers", 3e-3), (VIDEO, "videor1", 1e-3))}
-    assert len(keys) == 4
+    sft_json = synthetic / "sft.json"
+    keys = {cache_key(warm_start_config(_cfg(synthetic, "--model.warmstart_steps=2", *extra)), sft_json)
+            for extra in ((), ("--video.max_frames=4",), ("--model.rope_positions=transformers",),
+                          ("--model.warmstart_lr=1e-3",), ("--train.output_dir=/other",), ("--train.seed=1",))}
+    assert len(keys) == 5  # the RL run's output folder is no part of the warm start
 
 
 def test_warm_start_needs_the_tiny_model():
@@ -137,8 +105,9 @@ def test_train_starts_policy_and_reference_from_the_warm_start(synthetic, tmp_pa
         policy, ref = _weights(run.policy.model), _weights(run.ref.model)
     finally:
         close(run)
-    (warm,) = synthetic.glob("warm_*")
-    saved = _weights(load_weights(tiny_model(0)[0], warm))
+    warm = configured_warm_start(cfg)
+    assert warm.reused
+    saved = _weights(load_weights(tiny_model(0)[0], warm.path))
     initial = _weights(tiny_model(0)[0])
     assert all(torch.equal(policy[k], saved[k]) and torch.equal(ref[k], saved[k]) for k in saved)
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)

@@ -124,10 +124,9 @@ class SFTConfig:
 
     labels: Literal["completion", "videor1"] = "completion"  # completion: the loss covers the assistant target
     # only; videor1: Video-R1's labels (every token but the padding, system/user text and video pads included)
-    loss_norm: Literal["example", "token"] = "example"  # example: each example's mean NLL over its labelled
-    # tokens, averaged over the step's examples on the rank (Video-R1 at batch 1: each micro-batch's mean loss,
-    # averaged over the accumulation steps); token: the mean over every labelled token of the step on the rank
-    # (HF's num_items_in_batch). Either way the ranks' losses are averaged and batching does not change the value
+    loss_norm: Literal["example", "token"] = "example"  # example: the mean over the step's examples on the rank
+    # of each one's mean NLL over its labelled tokens (Video-R1 at batch 1); token: the mean over all labelled tokens
+    # of the step on the rank (HF's num_items_in_batch). Ranks are averaged; batching does not change the value
 
 
 @dataclass
@@ -305,27 +304,21 @@ def demo() -> Config:
 
 
 def videor1_sft() -> Config:
-    """Video-R1's SFT cold start (``sft_video.py``, ``run_sft_video.sh``) for ``python -m vr1fast.sft``: lr 1e-6, the
-    linear schedule with no warmup, weight decay 0 (HF's default), one epoch, clip 5, bf16 where CUDA is (as
-    ``videor1``), gradient checkpointing, a checkpoint every 1000 steps, 1 example per rank x 2 accumulation steps;
-    ``--dist.strategy=deepspeed`` gives ZeRO-2 as Video-R1's ``zero2.json``. Its records are COT-165k-schema
-    (``data.path``, each with ``process``)."""
-    cfg = Config(preset="videor1_sft")
-    cfg.optim = OptimConfig(lr=1e-6, weight_decay=0.0, scheduler="linear", warmup_steps=0, max_grad_norm=5.0)
-    cfg.train = TrainConfig(max_steps=0, prompts_per_rank=1, grad_accum=2, output_dir="runs/sft", save_every=1000)
-    cfg.dist = DistConfig(zero_stage=2)
+    """Video-R1's SFT cold start (sft_video.py): lr 1e-6 linear, wd 0, clip 5, one epoch, 1 example x 2 accum.
+    Also: no warmup, bf16 where CUDA is, gradient checkpointing, a checkpoint every 1000 steps;
+    ``--dist.strategy=deepspeed`` is ZeRO-2 as its zero2.json. ``python -m vr1fast.sft --preset=videor1_sft``."""
+    cfg = Config(preset="videor1_sft", dist=DistConfig(zero_stage=2))
+    cfg.optim = OptimConfig(weight_decay=0.0, scheduler="linear")  # lr 1e-6, no warmup, clip 5: the defaults
+    cfg.train = TrainConfig(prompts_per_rank=1, grad_accum=2, output_dir="runs/sft", save_every=1000)
     return cfg
 
 
 def sft_demo() -> Config:
-    """``python -m vr1fast.sft`` with no argument: ``videor1_sft`` on the synthetic set's SFT records with the tiny
-    model at the demo's frame size, a toy learning rate and a 40-step CPU run."""
-    cfg = videor1_sft()
-    cfg.preset = "sft_demo"
-    cfg.video = demo().video
+    """vr1fast.sft's default: videor1_sft on the synthetic set, tiny model, lr 3e-3, 40 steps of 4 (CPU).
+    The video settings are the demo's."""
+    cfg = dataclasses.replace(videor1_sft(), preset="sft_demo", video=demo().video, model=ModelConfig(
+        gradient_checkpointing=False), train=TrainConfig(max_steps=40, prompts_per_rank=4, output_dir="runs/sft_demo"))
     cfg.optim.lr = 3e-3
-    cfg.train = TrainConfig(max_steps=40, prompts_per_rank=4, output_dir="runs/sft_demo", save_every=20)
-    cfg.model = ModelConfig(gradient_checkpointing=False)
     return cfg
 
 
