@@ -175,7 +175,7 @@ def frames_from_memory(frames_of: dict):
     import vr1fast.data.loader as loader
 
     saved = loader.load_media
-    loader.load_media = lambda path, data_type, cfg=None: frames_of[path]
+    loader.load_media = lambda path, data_type, cfg=None, cache=None: frames_of[path]
     try:
         yield
     finally:

@@ -170,3 +170,27 @@ def test_config_fields(tmp_path):
         c.data.frame_cache_gb = bad
         with pytest.raises(ConfigError, match="data.frame_cache_gb must be a positive, finite size in GB"):
             validate(c)
+
+
+def test_training_prompt_stream_fills_then_reads_the_cache(decodes, tmp_path):
+    """``data.frame_cache`` reaches the loader: the first pass over the synthetic set's videos decodes each once and
+    writes an entry, a second pass decodes nothing and yields the same frames."""
+    from vr1fast.config import demo
+    from vr1fast.data.dataset import Position, Sampler
+    from vr1fast.data.loader import next_prompts, run_records
+
+    cfg = demo()
+    cfg.data = replace(cfg.data, synthetic_dir=str(tmp_path / "set"), synthetic_size=4, shuffle=False,
+                       frame_cache=str(tmp_path / "cache"))
+    cfg.train = replace(cfg.train, prompts_per_rank=4)
+    records = run_records(cfg.data, once=lambda make: make())
+    sampler = Sampler(len(records), 0, False)
+
+    def frames():
+        return next_prompts(records, sampler, Position(), cfg, rank=0, world_size=1, seed=0)[1]
+
+    first = frames()
+    videos = sum(records[i].data_type == "video" for i in range(len(records)))
+    assert videos >= 1 and len(decodes) == videos and len(list((tmp_path / "cache").rglob(f"*{SUFFIX}"))) == videos
+    second = frames()
+    assert len(decodes) == videos and all(torch.equal(a, b) for a, b in zip(first, second))

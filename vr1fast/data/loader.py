@@ -13,6 +13,7 @@ import torch
 
 from vr1fast.config import Config, DataConfig
 from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
+from vr1fast.data.frame_cache import frame_cache
 from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.data.video import load_media
 from vr1fast.errors import MediaError, RecordError
@@ -38,15 +39,17 @@ def next_prompts(records: Records, sampler: Sampler, position: Position, cfg: Co
     """This rank's ``train.prompts_per_rank`` samples and decoded media from ``position`` of the global stream,
     the number of broken media files skipped, and the stream position after this step's prompts (all ranks').
 
-    With ``data.skip_bad`` a broken file is replaced by a draw seeded by ``seed`` (the stream position is global,
+    Videos go through the on-disk frame cache when ``data.frame_cache`` is set. With ``data.skip_bad`` a broken
+    file is replaced by a draw seeded by ``seed`` (the stream position is global,
     so the ranks stay in step) and counted; without it the ``MediaError`` names the file."""
     indices, after = sampler.take(position, cfg.train.prompts_per_rank, rank, world_size)
     draw, samples, media, skipped = random.Random(seed), [], [], 0
+    cache = frame_cache(cfg.data)  # None unless data.frame_cache is set
     for index in indices:
         for _ in range(MEDIA_RETRIES):
             sample = records[index]
             try:
-                media.append(load_media(sample.path, sample.data_type, cfg.video))
+                media.append(load_media(sample.path, sample.data_type, cfg.video, cache))
                 samples.append(sample)
                 break
             except MediaError:
