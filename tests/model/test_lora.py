@@ -6,44 +6,27 @@ model) gives a fresh base model's logits bit for bit while the adapted policy's 
 same adapters and metrics as an uninterrupted one; the merged export loads with transformers and gives the adapted
 model's logits; the paged engine samples from the adapted model (its log-probs equal the policy's).
 """
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from _lora_worker import IDS, perturbed_models
 from runs import comparable, small
 from vr1fast.cli import parse as parse_args
 from vr1fast.config import LoraConfig
 from vr1fast.errors import ConfigError
 from vr1fast.metrics import read_jsonl
-from vr1fast.model.load import build_models, save_tiny, tiny_model
+from vr1fast.model.load import save_tiny, tiny_model
 from vr1fast.train import build, close, train
 
 peft = pytest.importorskip("peft")
 from vr1fast.model import lora  # noqa: E402  (needs peft)
 
-REPO = Path(__file__).resolve().parents[2]
 LORA = ("--model.lora.enabled=true", "--model.lora.rank=4", "--loss.beta=0.04", "--optim.lr=1e-2",
         "--metrics.tensorboard=false", "--metrics.plot=false", "--optim.warmup_steps=0")
-IDS = torch.tensor([[3, 17, 42, 99, 7, 56, 100, 12, 5]])
 
 
 def _logits(model, ids):
     return model(input_ids=ids).logits
-
-
-def perturbed_models(cfg):
-    """``build_models`` with every lora_B drawn at random (seeded): peft's B = 0 makes the adapted policy the base,
-    and the tiny model's all-zero rewards would then give no gradient at all."""
-    policy, ref, tokenizer = build_models(cfg.model, beta=cfg.loss.beta, dtype="float32", attn="sdpa")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return policy, ref, tokenizer
 
 
 def _run(synthetic, out, *extra, resume=False):
@@ -107,14 +90,16 @@ def test_resume_is_exact(trained, synthetic, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_merged_export_loads_with_transformers(trained, tmp_path):
+def test_merged_export_loads_with_transformers(trained, tmp_path, capsys):
     from transformers import Qwen2_5_VLForConditionalGeneration
     out, _, _, policy = trained
     folder = out / "checkpoints" / "step_000002" / "model"
     base = save_tiny(tmp_path / "base", seed=0)
-    proc = subprocess.run([sys.executable, "-m", "vr1fast.model.lora", "--export", str(folder), "--out",
-                           str(tmp_path / "merged")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--base" in proc.stderr, proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the tiny run has no base folder to name
+        lora.main(["--export", str(folder), "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "--base" in err, err
     lora.main(["--export", str(folder), "--out", str(tmp_path / "merged"), "--base", str(base)])
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in k for k in merged.state_dict())

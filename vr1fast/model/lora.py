@@ -97,16 +97,21 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Every LoRA layer of ``model`` computes its base layer only inside the block (peft's ``disable_adapter``
-    without the ``PeftModel``); enabled again after, also on an error."""
+    """Every LoRA layer of ``model`` computes its base layer only inside the block (what peft's
+    ``disable_adapter`` does to the forward); enabled again after, also on an error.
+
+    The layers' own flag is set, not ``enable_adapters(False)``: that also flips the adapters' ``requires_grad``,
+    and FSDP2 creates each unsharded parameter once, copying the flag of the moment, so a first unshard inside the
+    block would leave the adapters untrainable for good."""
     layers = _tuner_layers(model)
+    saved = [layer.disable_adapters for layer in layers]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, flag in zip(layers, saved):
+            layer._disable_adapters = flag
 
 
 def reference(model: nn.Module) -> SharedReference:
