@@ -7,11 +7,12 @@ TIMING = ("time/", "tokens_per_s")
 
 
 def small(synthetic: Path, out: Path, *extra: str) -> list[str]:
-    """``vr1fast.train`` arguments of a short run of the tiny model on the synthetic set (``extra`` overrides)."""
+    """``vr1fast.train`` arguments of a short run of the tiny model on the synthetic set (``extra`` overrides); no
+    final start-vs-last eval (the demo's, tested in tests/eval/test_train_eval.py)."""
     return [f"--data.synthetic_dir={synthetic}", "--data.synthetic_size=8", f"--train.output_dir={out}",
             "--train.prompts_per_rank=1", "--rollout.num_generations=2", "--rollout.num_shuffled=2",
             "--rollout.max_new_tokens=8", "--metrics.progress_bar=false", "--optim.lr=1e-3",
-            "--optim.weight_decay=0.5", "--model.warmstart_steps=0", *extra]
+            "--optim.weight_decay=0.5", "--model.warmstart_steps=0", "--eval.final=false", *extra]
 
 
 def comparable(rows: list[dict]) -> list[dict]:

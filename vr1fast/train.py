@@ -12,6 +12,8 @@ With no argument it runs the embedded demo (synthetic temporal video-QA, the tin
                    with loss.num_iterations > 1 the old policy's too
     model.forward  completion_rows + rl.loss.policy_loss → loss (inside the wrapped forward, see dist.Runner)
     optimizer step → the next rollout sees the new weights at once; metrics; checkpoint
+    eval.heldout   every ``eval.every`` steps: held-out accuracy, shuffled accuracy, gap; at the end (``eval.final``,
+                   the demo) the start model and the last checkpoint evaluated side by side
 
 Deviations from Video-R1 (``grpo_trainer.py``), all keeping its numbers: several prompts per rank (each group is
 scored on its own); the LM head runs on completion positions only, the vision tower once per prompt and, with
@@ -40,6 +42,8 @@ from vr1fast.data.loader import check_prompt_lengths, next_prompts, run_records
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.errors import NonFiniteLossError
+from vr1fast.eval.benchmarks import Benchmark, configured_benchmarks
+from vr1fast.eval.heldout import compare_models, heldout_metrics
 from vr1fast.metrics import Metrics, StageTimer, sample_rows, step_metrics, to_host
 from vr1fast.model.forward import completion_rows
 from vr1fast.model.load import build_models, resolve_attn, text_hidden_size
@@ -71,6 +75,8 @@ class Run:
     total_steps: int
     last_checkpoint: Optional[Path] = None
     resumed_from: Optional[Path] = None              # never deleted by train.save_total_limit
+    start_model: Optional[str] = None                # the folder training started from (None: the tiny model)
+    heldout: Optional[list[Benchmark]] = None        # eval.every: what the policy is evaluated on
 
 
 # ---------------------------------------------------------------- the step
@@ -272,7 +278,10 @@ def train(run: Run, state: TrainState) -> TrainState:
         while state.step < run.total_steps:
             logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == run.total_steps
             metrics = train_step(run, state, timed=logged)
-            if logged:
+            evaluated = run.heldout is not None and state.step % run.cfg.eval.every == 0
+            if evaluated:
+                metrics.update(heldout_metrics(run.policy, run.tokenizer, run.heldout, run.cfg, run.info))
+            if logged or evaluated:
                 run.metrics.log(state.step, metrics)
             stopping = stop.requested()
             if stopping or state.step % cfg.save_every == 0 or state.step == run.total_steps:
@@ -286,8 +295,8 @@ def train(run: Run, state: TrainState) -> TrainState:
 
 
 def _models(cfg: Config, precision: Precision, attn: str, resume: Optional[Path]):
-    """(policy, reference or None, tokenizer) in the precision plan's ``master`` dtype (or an explicit
-    ``model.dtype``); the demo's warm start is made by rank 0 and reused by the others."""
+    """(policy, reference or None, tokenizer, the starting model's folder) in the precision plan's ``master`` dtype
+    (or an explicit ``model.dtype``); the demo's warm start is made by rank 0 and reused by the others."""
     warm = dist.once(lambda: configured_warm_start(cfg))
     if warm is not None:
         s = warm.stats
@@ -295,8 +304,9 @@ def _models(cfg: Config, precision: Precision, attn: str, resume: Optional[Path]
                     f"{s['examples']} SFT records, loss {s['loss_first']:.2f} → {s['loss_last']:.2f}, "
                     f"{s['seconds']:.0f} s)")
     master = str(precision.master).removeprefix("torch.") if cfg.model.dtype == "auto" else cfg.model.dtype
-    return build_models(cfg.model, beta=cfg.loss.beta, dtype=master, attn=attn,
-                        init=resume / "model" if resume else None, warm=warm and warm.path)
+    return (*build_models(cfg.model, beta=cfg.loss.beta, dtype=master, attn=attn,
+                          init=resume / "model" if resume else None, warm=warm and warm.path),
+            str(warm.path) if warm else cfg.model.path)
 
 
 def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]:
@@ -313,7 +323,8 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     precision = precision_plan(info.strategy, bf16)
     plan = dist.prepare(cfg, info, precision, {r.data_type for r in records}, text_hidden_size(cfg.model))
     attn = resolve_attn(cfg.model.attn_implementation, info.device)  # FA2 on a GPU with flash-attn, else SDPA
-    policy_model, ref_model, tokenizer = models or _models(cfg, precision, attn, resume)
+    policy_model, ref_model, tokenizer, start = (*models, cfg.model.path) if models else \
+        _models(cfg, precision, attn, resume)
     resolved = {"precision": precision.describe(), "attention": policy_model.config._attn_implementation}
     dist.print0(f"vr1fast: {resolved['precision']}; attention {resolved['attention']}")
     policy = dist.wrap_policy(
@@ -330,7 +341,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
     if info.is_main:
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
     run = Run(cfg, info, tokenizer, policy, ref, records, Sampler(len(records), cfg.train.seed, cfg.data.shuffle),
-              metrics, total, resume, resume)
+              metrics, total, resume, resume, start, configured_benchmarks(cfg, dist.once) if cfg.eval.every else None)
     return run, state
 
 
@@ -350,6 +361,9 @@ def run(cfg: Config) -> int:
                 f"{run.info.device.type}, {len(run.records)} records, steps {state.step + 1}..{run.total_steps}, "
                 f"output {cfg.train.output_dir}")
     train(run, state)
+    final = cfg.eval.final and state.step == run.total_steps  # the start model and the last checkpoint compared
+    table = compare_models(cfg, {"start": run.start_model, "last": run.last_checkpoint}, run.info,
+                           Path(cfg.train.output_dir, "eval")) if final else ""
     plot = close(run)
     if state.step < run.total_steps:
         if run.info.is_main:
@@ -359,6 +373,8 @@ def run(cfg: Config) -> int:
     if run.info.is_main:
         print(f"done: {run.total_steps} steps in {time.perf_counter() - started:.0f} s; metrics "
               f"{run.metrics.jsonl_path}, plot {plot}, checkpoint {run.last_checkpoint}", flush=True)
+        if table:
+            print(table, flush=True)
     return 0
 
 
