@@ -18,9 +18,10 @@ from vr1fast.config import demo
 from vr1fast.eval.answer import Item, answer_batch
 from vr1fast.eval.benchmarks import heldout_dir, load_benchmark
 from vr1fast.eval.results import headline
-from vr1fast.eval.run import main
+from vr1fast.eval.run import load_eval_model, main
 from vr1fast.eval.scoring import prediction, score
 from vr1fast.metrics import read_jsonl
+from vr1fast.model import lora
 from vr1fast.model.load import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,6 +168,26 @@ def test_greedy_answers_are_deterministic_across_seeds_engines_and_videor1_sampl
     assert answer_batch(model, tokenizer, items, cfg, device=device, seed=3, shuffled=True) == first
     cfg.rollout.engine, cfg.eval.sampling = "hf", "videor1"  # temperature 0.1, top-p 0.001: the top token
     assert answer_batch(model, tokenizer, items, cfg, device=device, seed=4, shuffled=True) == first
+
+
+def test_a_lora_checkpoint_is_loaded_onto_its_base_model(synthetic, tmp_path):
+    cfg = demo_with(synthetic)
+    cfg.eval.max_new_tokens = 6
+    model, tokenizer = tiny_model(0)
+    lora.apply_lora(model, cfg.model.lora)  # base None: the tiny model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    lora.save_adapter(model, model.state_dict(), tmp_path / "step_000001" / "model")
+    loaded, _ = load_eval_model(cfg, tmp_path / "step_000001", torch.device("cpu"))
+    adapters = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert adapters and all(torch.equal(loaded.state_dict()[k], v) for k, v in adapters.items())
+    bench = load_benchmark(synthetic / "rl.json", cfg)
+    items = [Item(s, r) for s, r in zip(bench.samples, bench.records)][:2]
+    answers = [answer_batch(m, tokenizer, items, cfg, device=torch.device("cpu"), seed=0) for m in (model, loaded)]
+    assert answers[0] == answers[1]
 
 
 @pytest.mark.slow

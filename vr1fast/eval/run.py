@@ -2,8 +2,8 @@
 Video-R1's benchmark evaluation (``src/eval_bench.py``); ``torchrun --nproc_per_node=N -m vr1fast.eval ...`` runs it
 data-parallel and rank 0 writes the results.
 
-The model is ``model.path``: an HF Qwen2.5-VL folder, a vr1fast checkpoint's ``model/`` folder or the checkpoint
-folder itself; unset, the tiny random model (``model.tiny_seed``). It is loaded whole on every rank in
+The model is ``model.path``: an HF Qwen2.5-VL folder, a vr1fast checkpoint's ``model/`` folder (LoRA adapters too) or
+the checkpoint folder itself; unset, the tiny random model (``model.tiny_seed``). It is loaded whole on every rank in
 ``model.dtype`` (auto: bf16 on CUDA, fp32 on the CPU) and answers in batches of ``eval.batch_size`` prompts
 (``vr1fast.eval.answer``); batch k of a benchmark runs on rank k mod N, so a batch holds the same items whatever N
 is. Per benchmark (``vr1fast.eval.benchmarks``) in ``eval.output_dir``: ``<name>.jsonl``, the item rows written as
@@ -32,6 +32,7 @@ from vr1fast.errors import Vr1fastError
 from vr1fast.eval.answer import Item, answer_batch
 from vr1fast.eval.benchmarks import Benchmark, configured_benchmarks
 from vr1fast.eval.results import resume_rows, summarize, table, write_summary
+from vr1fast.model import lora
 from vr1fast.model.load import build_model, freeze
 
 BATCH_SEED = -1  # step_seed(train.seed, BATCH_SEED, k): the sampling seed of batch k
@@ -40,15 +41,21 @@ BATCH_SEED = -1  # step_seed(train.seed, BATCH_SEED, k): the sampling seed of ba
 def model_dir(path: str | Path) -> Path:
     """``path``, or its ``model/`` folder when ``path`` is a vr1fast checkpoint folder."""
     path = Path(path)
-    return path / "model" if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file() \
-        else path
+    return path / "model" if not any((path / f).is_file() for f in ("config.json", lora.CONFIG_FILE)) and \
+        (path / "model").is_dir() else path
 
 
 def load_eval_model(cfg: Config, path: Optional[str | Path], device: torch.device):
-    """``(model, tokenizer)``: ``path`` (module docstring) or the tiny model when None, frozen, on ``device``."""
-    source = dataclasses.replace(cfg.model, path=None if path is None else str(model_dir(path)),
-                                 gradient_checkpointing=False)
+    """``(model, tokenizer)``: ``path`` (module docstring) or the tiny model when None, frozen, on ``device``. A LoRA
+    checkpoint's folder (adapters only) is loaded onto the base its adapter config names (None: the tiny model) with
+    ``model.lora``'s settings."""
+    folder = None if path is None else model_dir(path)
+    adapters = folder is not None and (folder / lora.CONFIG_FILE).is_file() and not (folder / "config.json").is_file()
+    base = json.loads((folder / lora.CONFIG_FILE).read_text()).get("base_model_name_or_path") if adapters else folder
+    source = dataclasses.replace(cfg.model, path=None if base is None else str(base), gradient_checkpointing=False)
     model, tokenizer = build_model(source, device=device)
+    if adapters:
+        lora.load_adapter(lora.apply_lora(model, cfg.model.lora, base=base), folder)
     return freeze(model), tokenizer
 
 
