@@ -216,6 +216,7 @@ def test_videor1_sft_preset_has_video_r1_constants():
     assert (t.max_steps, t.prompts_per_rank, t.grad_accum, t.save_every) == (0, 1, 2, 1000)
     assert cfg.model.gradient_checkpointing and cfg.sft.labels == "completion" and cfg.dist.zero_stage == 2
     assert cfg.model.warmstart_steps == 0 and cfg.model.path is None and t.bf16 is None
+    assert cfg.metrics.samples_every == 0  # no completions to log
 
 
 STRATEGIES = {

@@ -307,7 +307,7 @@ def videor1_sft() -> Config:
     """Video-R1's SFT cold start (sft_video.py): lr 1e-6 linear, wd 0, clip 5, one epoch, 1 example x 2 accum.
     Also: no warmup, bf16 where CUDA is, gradient checkpointing, a checkpoint every 1000 steps;
     ``--dist.strategy=deepspeed`` is ZeRO-2 as its zero2.json. ``python -m vr1fast.sft --preset=videor1_sft``."""
-    cfg = Config(preset="videor1_sft", dist=DistConfig(zero_stage=2))
+    cfg = Config(preset="videor1_sft", dist=DistConfig(zero_stage=2), metrics=MetricsConfig(samples_every=0))
     cfg.optim = OptimConfig(weight_decay=0.0, scheduler="linear")  # lr 1e-6, no warmup, clip 5: the defaults
     cfg.train = TrainConfig(prompts_per_rank=1, grad_accum=2, output_dir="runs/sft", save_every=1000)
     return cfg
