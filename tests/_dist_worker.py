@@ -4,6 +4,8 @@ Trains with ``vr1fast.train`` (ARGS are its config overrides), then every rank g
 own way (DDP / ZeRO-2: the local replica; FSDP2: ``full_tensor``; ZeRO-3: ``GatheredParameters``) and hashes
 them; rank 0 writes each rank's hash, the largest change from the initial tiny model (rounded to the dtype the
 weights are held in: DeepSpeed's bf16 block casts them, which alone is no training), and the world size.
+Under DDP and FSDP2 it checks rank-0 loading: ``build_models`` after ``dist.prepare`` builds on the meta device on
+rank 1 only, and the wrapped policy starts from exactly the initial tiny model (what each rank built itself before).
 It also counts the all-gather collectives each rank issues around one ``dist.rollout_call`` greedy generate of
 1 and of 4 new tokens on a real prompt: with the weights gathered once per call the count cannot grow with the
 number of decode steps.
@@ -21,7 +23,8 @@ from vr1fast import dist
 from vr1fast.cli import parse as parse_args
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.model.load import tiny_model
+from vr1fast.model.load import build_models, tiny_model
+from vr1fast.precision import precision_plan
 from vr1fast.data.loader import next_prompts
 from vr1fast.train import build, close, train
 
@@ -90,6 +93,23 @@ def _hf_name(name: str) -> str:
     return name.removeprefix("module.").removeprefix("model.")
 
 
+def _built_on_meta(cfg) -> bool:
+    """Whether ``build_models`` on this rank, after ``dist.prepare``, gives models on the meta device (DDP / FSDP2
+    rank-0 loading: every rank but 0) — all of their tensors, policy and reference alike."""
+    info = dist.init(cfg.dist)
+    dist.prepare(cfg, info, precision_plan(info.strategy, bool(cfg.train.bf16)), {"video"}, 64)
+    models = [m for m in build_models(cfg.model, beta=cfg.loss.beta, dtype="float32", attn="sdpa")[:2] if m]
+    tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
+    assert len(models) == 2 and len({t.is_meta for t in tensors}) == 1
+    return tensors[0].is_meta
+
+
+def _starts_from(run, initial: dict[str, torch.Tensor]) -> bool:
+    """The wrapped policy holds, bit for bit, the model each rank would build itself (today's loading)."""
+    held = {_hf_name(n): t.cpu() for n, t in _full_weights(run.policy).items()}
+    return all(torch.equal(t, initial[k].to(t.dtype)) for k, t in held.items())
+
+
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     # A run takes ~15 s: a rank still alive after 240 s is stuck; it prints every thread's stack and exits, so the
@@ -99,7 +119,9 @@ def main() -> None:
     _count_gathers()
     cfg = parse_args(argv)
     initial = tiny_model(cfg.model.tiny_seed)[0].state_dict()  # before ZeRO-3's HfDeepSpeedConfig exists
+    meta = _built_on_meta(cfg) if cfg.dist.strategy in ("ddp", "fsdp2") else None
     run, state = build(cfg)
+    starts = _starts_from(run, initial)
     train(run, state)
     gathers = _gathers_per_generate(run, state)
     held = {_hf_name(n): t.cpu() for n, t in _full_weights(run.policy).items()}
@@ -110,7 +132,7 @@ def main() -> None:
     moved = max((weights[k] - initial[k].to(held[k].dtype).float()).abs().max().item() for k in weights)
     rows = [None] * tdist.get_world_size()
     tdist.all_gather_object(rows, {"rank": run.info.rank, "digest": digest.hexdigest(), "moved": moved,
-                                "gathers": gathers})
+                                "gathers": gathers, "meta": meta, "starts_from_initial": starts})
     if run.info.is_main:
         with open(out, "w") as f:
             json.dump({"ranks": rows, "world_size": run.info.world_size, "strategy": run.info.strategy}, f)

@@ -3,7 +3,8 @@
 Each run trains the tiny model for 2 steps (gradient accumulation where the strategy has its own path for it),
 then every rank gathers the full weights and hashes them: the ranks must hold the same weights, those weights
 must have moved from the initial model (lr·weight decay = 0.5 % a step, over half a bf16 ulp), and the HF
-checkpoint rank 0 wrote must hash to the same value.
+checkpoint rank 0 wrote must hash to the same value. Under DDP and FSDP2 rank 1 builds its models on the meta device
+(rank-0 loading, ``dist.rank0``) and every rank starts from exactly the weights it would have built itself.
 The runs use the bf16 precision plan (``--train.bf16=true``: the GPU plan, under CPU autocast for DDP), where the
 reference computes exactly as the policy at step 1: the first step's KL is exactly 0, the second's (moved
 weights) is not (``precision.precision_plan``).
@@ -72,6 +73,9 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
     (a, b) = report["ranks"]
     assert (a["rank"], b["rank"]) == (0, 1)
     assert a["digest"] == b["digest"]
+    rank0_loading = strategy.removesuffix("_paged") in ("ddp", "fsdp2")  # ranks > 0 build on meta, rank 0 loads
+    assert (a["meta"], b["meta"]) == ((False, True) if rank0_loading else (None, None))
+    assert a["starts_from_initial"] and b["starts_from_initial"]
     assert 1e-5 < a["moved"] < 1.0
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]

@@ -5,6 +5,7 @@ Strategies (``DistConfig.strategy``; the module that drives each):
   * ``none``, ``ddp``  ``dist.replica``: the plain module, or ``DistributedDataParallel``;
   * ``fsdp2``          ``dist.fsdp2``: ``fully_shard`` per decoder layer, the vision tower, the root;
   * ``deepspeed``      ``dist.deepspeed``: ZeRO-2/3 engines from a user JSON in Video-R1's ``zero3.json`` shape.
+DDP and FSDP2 with several ranks load on rank 0 only (``dist.rank0``: the other ranks build on the meta device).
 Each strategy module has the same functions: ``prepare`` (before the models exist), ``wrap_policy``,
 ``wrap_reference``, ``gathered`` (full weights for generation), ``rollout_call``, ``grad_sync``, ``backward``,
 ``clip_grad_norm``, ``optimizer_step``, ``full_state_dict``, ``save_state`` / ``load_state`` (optimizer, schedule
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from vr1fast.config import Config, DistConfig
-from vr1fast.dist import deepspeed, fsdp2, replica
+from vr1fast.dist import deepspeed, fsdp2, rank0, replica
 from vr1fast.dist.group import (DistInfo, abort, any_rank, barrier, broadcast_object, gather_to_main, init, once,
                                 print0, reduce_metrics, seed_everything, step_seed, teardown)
 from vr1fast.dist.wrapped import (ContextRunner, Runner, SharedReference, Wrapped, autocast, lm_head_weight,
@@ -42,7 +43,10 @@ _POLICIES: "weakref.WeakValueDictionary[int, Wrapped]" = weakref.WeakValueDictio
 def prepare(cfg: Config, info: DistInfo, precision: Precision, data_types: set[str], hidden_size: int) -> Any:
     """What the strategy must decide before the models are built (DeepSpeed: fill its config, check what ZeRO-3
     cannot run, install ZeRO-3's partitioned loading); pass the result to :func:`wrap_policy` and
-    :func:`wrap_reference`. ``data_types``: the records' media kinds; ``hidden_size``: the text model's."""
+    :func:`wrap_reference`. ``data_types``: the records' media kinds; ``hidden_size``: the text model's. DDP and
+    FSDP2 with more than one rank switch rank-0 loading on (``dist.rank0``: the models built next are on the meta
+    device on ranks other than 0, and wrapping fills them from rank 0)."""
+    rank0.set_active(info.strategy in ("ddp", "fsdp2") and info.world_size > 1)
     return _STRATEGIES[info.strategy].prepare(cfg, info, precision, data_types, hidden_size)
 
 
@@ -125,6 +129,7 @@ def load_state(wrapped: Wrapped, folder: Path, info: DistInfo, read: Callable[..
 
 def close(info: DistInfo, *wrapped: Optional[Wrapped]) -> None:
     """Release the strategy's state for ``wrapped`` (the policy, the reference) and tear the process group down."""
+    rank0.set_active(False)
     _STRATEGIES[info.strategy].close(info, [w for w in wrapped if w is not None])
 
 

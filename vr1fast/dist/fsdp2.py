@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vr1fast.dist import replica
+from vr1fast.dist import rank0, replica
 from vr1fast.dist.group import DistInfo, teardown
 from vr1fast.dist.wrapped import Runner, Wrapped, decoder_layers, strip_runner_prefix, trainable, vision_tower
 from vr1fast.precision import Precision
@@ -22,7 +22,8 @@ backward, clip_grad_norm, optimizer_step = replica.backward, replica.clip_grad_n
 
 def _fully_shard(model: nn.Module, info: DistInfo, precision: Precision) -> Runner:
     """Each decoder layer, the vision tower, then the root Runner (root inputs are not cast: advantages and
-    log-probs stay fp32). The root is lazily initialised at once, before ``generate`` can touch the tower.
+    log-probs stay fp32). The root is lazily initialised at once, before ``generate`` can touch the tower. Under
+    rank-0 loading (``dist.rank0``) the shards are filled from rank 0's weights (other ranks' models are on meta).
 
     The tower keeps its gathered weights from its first call until the backward (``reshard_after_forward=False``):
     a rank with an image and a video calls it twice per forward (HF and ``model.forward`` encode each modality
@@ -30,6 +31,7 @@ def _fully_shard(model: nn.Module, info: DistInfo, precision: Precision) -> Runn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    full = rank0.full_state(model, "model.") if rank0.active() else None  # rank-0 loading: taken before sharding
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=precision.fsdp_param, reduce_dtype=torch.float32) \
         if precision.fsdp_param is not None else MixedPrecisionPolicy()
@@ -41,6 +43,8 @@ def _fully_shard(model: nn.Module, info: DistInfo, precision: Precision) -> Runn
     root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
                                    cast_forward_inputs=False)
     runner = fully_shard(Runner(model), mesh=mesh, mp_policy=root_mp)
+    if full is not None:
+        rank0.load_sharded(runner, full, info.device)
     runner._get_fsdp_state()._lazy_init()
     model._is_fsdp_managed_module = True  # HF generate then defaults to synced_gpus when world > 1
     return runner

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from vr1fast.dist import rank0
 from vr1fast.dist.group import DistInfo, teardown
 from vr1fast.dist.wrapped import Runner, Wrapped, strip_runner_prefix, trainable
 from vr1fast.precision import Precision
@@ -23,20 +24,29 @@ def prepare(cfg, info: DistInfo, precision: Precision, data_types: set[str], hid
     return None
 
 
+def _to_device(model: nn.Module, info: DistInfo) -> bool:
+    """``model`` on the device; under rank-0 loading (``dist.rank0``) with rank 0's weights, broadcast (then True)."""
+    if not rank0.active():
+        model.to(info.device)
+        return False
+    rank0.materialise_replica(model, info.device)
+    return True
+
+
 def wrap_policy(model: nn.Module, info: DistInfo, precision: Precision, make_optimizer: Callable,
                 make_scheduler: Callable, plan: Any = None) -> Wrapped:
-    model.to(info.device)
+    synced = _to_device(model, info)
     runner = Runner(model)
-    if info.strategy == "ddp":
+    if info.strategy == "ddp":  # init_sync: DDP's own broadcast from rank 0, redundant after rank-0 loading
         runner = nn.parallel.DistributedDataParallel(
-            runner, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+            runner, device_ids=[info.local_rank] if info.device.type == "cuda" else None, init_sync=not synced)
     optimizer = make_optimizer(trainable(runner))
     return Wrapped(runner, model, info.strategy, precision, optimizer, make_scheduler(optimizer))
 
 
 def wrap_reference(model: nn.Module, info: DistInfo, precision: Precision, plan: Any = None) -> Wrapped:
     """A plain replica, run under the policy's autocast (``dist.autocast``)."""
-    model.to(info.device)
+    _to_device(model, info)
     return Wrapped(Runner(model), model, info.strategy, precision)
 
 

@@ -27,6 +27,7 @@ when ``flash_attn`` is importable and the device is CUDA (as Video-R1's scripts 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -40,6 +41,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VL
 from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
 from vr1fast.config import ModelConfig
+from vr1fast.dist import rank0
 from vr1fast.errors import ConfigError
 from vr1fast.model import lora
 from vr1fast.model.qwen import TINY_TEXT, TINY_VISION
@@ -96,11 +98,13 @@ def tiny_model(seed: int = 0, *, dtype: DtypeLike = torch.float32, attn_implemen
     """A randomly initialised tiny Qwen2.5-VL and its tokenizer: ``(model, tokenizer)``.
 
     The weights depend only on ``seed`` (drawn on CPU in fp32 under a forked RNG, so the global RNG is left
-    alone), then the model is cast to ``dtype`` and moved to ``device``.
+    alone), then the model is cast to ``dtype`` and moved to ``device``; ``device="meta"`` builds it there (no
+    weights: rank-0 loading, ``vr1fast.dist.rank0``).
     """
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     config = tiny_config(tokenizer, init_std=init_std)
-    with torch.random.fork_rng(devices=[]):
+    meta = torch.device(device or "cpu").type == "meta"
+    with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else contextlib.nullcontext():
         torch.manual_seed(seed)
         model = QwenVL._from_config(config, attn_implementation=resolve_attn(attn_implementation, device),
                                     dtype=torch.float32)
@@ -133,11 +137,19 @@ def checkpoint_config(path: Union[str, Path]):
 
 def load_model(path: Union[str, Path], *, dtype: DtypeLike = "auto", attn_implementation: str = "auto",
                device: Optional[Union[str, torch.device]] = None, rope_positions: RopePositions = "videor1"):
-    """``(model, tokenizer)`` from a local Qwen2.5-VL checkpoint folder (offline; nothing is downloaded)."""
+    """``(model, tokenizer)`` from a local Qwen2.5-VL checkpoint folder (offline; nothing is downloaded).
+    ``device="meta"``: the architecture only, no weight read (rank-0 loading, ``vr1fast.dist.rank0``)."""
     path = Path(path)
-    checkpoint_config(path)
-    model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
-                                   attn_implementation=resolve_attn(attn_implementation, device))
+    config = checkpoint_config(path)
+    if torch.device(device or "cpu").type == "meta":
+        with torch.device("meta"):
+            model = QwenVL._from_config(config, attn_implementation=resolve_attn(attn_implementation, device),
+                                        dtype=resolve_dtype(dtype, device))
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        model = QwenVL.from_pretrained(path, dtype=resolve_dtype(dtype, device), local_files_only=True,
+                                       attn_implementation=resolve_attn(attn_implementation, device))
     use_batched_vision_attention(model)
     return use_rope_positions(model.to(device or "cpu"), rope_positions), load_tokenizer(path)
 
@@ -225,7 +237,10 @@ def reference_model(source: Union[nn.Module, str, Path], *, beta: float, dtype: 
 
 def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Copy the weights of a saved checkpoint folder (read with ``from_pretrained``, which maps the saved names)
-    into ``model`` of the same architecture, strictly, in its dtype and on its device; returns it."""
+    into ``model`` of the same architecture, strictly, in its dtype and on its device; returns it. A model on the
+    meta device is returned untouched (rank-0 loading: rank 0 reads the folder)."""
+    if any(p.is_meta for p in model.parameters()):
+        return model
     saved = QwenVL.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     model.load_state_dict(saved.state_dict())
     return model
@@ -238,21 +253,23 @@ def build_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: 
     The policy comes from ``init`` (a checkpoint's model folder, when resuming) or the configured source; the
     reference (β ≠ 0) always from the configured source: it is the frozen *initial* policy. ``warm`` (the demo's
     warm-started tiny model) overrides the configured source's weights: in the reference, and in the policy
-    unless it is resumed. With ``model.lora.enabled`` see :func:`_lora_models`."""
+    unless it is resumed. With ``model.lora.enabled`` see :func:`_lora_models`. Under rank-0 loading (DDP / FSDP2
+    with several ranks, ``vr1fast.dist.rank0``) ranks other than 0 build both on the meta device and read nothing."""
+    device = "meta" if rank0.builds_on_meta() else "cpu"
     if cfg.lora.enabled:
-        return _lora_models(cfg, beta=beta, dtype=dtype, attn=attn, init=init, warm=warm)
+        return _lora_models(cfg, beta=beta, dtype=dtype, attn=attn, init=init, warm=warm, device=device)
     source = dataclasses.replace(cfg, dtype=dtype, attn_implementation=attn,
                                  path=str(init) if init else cfg.path)
-    policy, tokenizer = build_model(source, device="cpu")
+    policy, tokenizer = build_model(source, device=device)
     if warm is not None and init is None:
         load_weights(policy, warm)
     if beta == 0:
         return policy, None, tokenizer
     if cfg.path is None:
         ref = tiny_model(cfg.tiny_seed, dtype=dtype, tokenizer=tokenizer, attn_implementation=attn,
-                         rope_positions=cfg.rope_positions)[0]
+                         rope_positions=cfg.rope_positions, device=device)[0]
     else:
-        ref = load_model(cfg.path, dtype=dtype, attn_implementation=attn, device="cpu",
+        ref = load_model(cfg.path, dtype=dtype, attn_implementation=attn, device=device,
                          rope_positions=cfg.rope_positions)[0]
     if warm is not None:
         load_weights(ref, warm)
@@ -260,15 +277,15 @@ def build_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: 
 
 
 def _lora_models(cfg: ModelConfig, *, beta: float, dtype: str, attn: str, init: Optional[Path],
-                 warm: Optional[Path]):
+                 warm: Optional[Path], device: str):
     """LoRA: the base is always the configured source (with ``warm``'s weights), the adapters come fresh
     (``lora_B`` = 0) or from ``init`` (a LoRA checkpoint's model folder holds adapters only); the reference is the
     policy itself with its adapters disabled (``model.lora.reference``), not a second model."""
-    policy, tokenizer = build_model(dataclasses.replace(cfg, dtype=dtype, attn_implementation=attn), device="cpu")
+    policy, tokenizer = build_model(dataclasses.replace(cfg, dtype=dtype, attn_implementation=attn), device=device)
     if warm is not None:
         load_weights(policy, warm)
     lora.apply_lora(policy, cfg.lora, base=warm or cfg.path)
-    if init is not None:
+    if init is not None and device != "meta":
         lora.load_adapter(policy, init)
     return policy, (None if beta == 0 else lora.reference(policy)), tokenizer
 
