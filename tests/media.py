@@ -20,8 +20,8 @@ API (import as ``from media import ...``; ``tests/`` is on sys.path through its 
     random_frames(t, h, w, seed=0)                      -> uint8 [t, h, w, 3] uniform noise
     conversation(question, kind)                        -> one user turn: a "video"/"image" entry, then the text
 
-``codec`` is "h264" (libx264, .mp4/.mkv), "vp9" (libvpx-vp9, .webm/.mkv/.mp4) or "mpeg4"; ``rotate`` writes
-a display matrix rotating the picture ``rotate`` degrees counter-clockwise for display (PyAV's
+``codec`` is "h264" (libx264, .mp4/.mkv), "vp9" (libvpx-vp9, .webm/.mkv/.mp4), "hevc" (libx265, .mp4/.mkv) or
+"mpeg4"; ``rotate`` writes a display matrix rotating the picture ``rotate`` degrees counter-clockwise for display (PyAV's
 ``set_display_rotation``; players, decord and vr1fast turn the frames accordingly); ``pts`` gives per-frame
 timestamps in seconds for variable frame rate files.
 """
@@ -40,11 +40,12 @@ PALETTE = np.array([[230, 40, 40], [40, 220, 40], [40, 60, 230], [230, 220, 40],
 _OFF = (PALETTE.astype(np.int32) // 4 + 8).astype(np.uint8)
 _ROWS, _COLS = 2, 4
 
-ENCODERS = {"h264": "libx264", "vp9": "libvpx-vp9", "mpeg4": "mpeg4"}
+ENCODERS = {"h264": "libx264", "vp9": "libvpx-vp9", "mpeg4": "mpeg4", "hevc": "libx265"}
 _ENCODER_OPTIONS = {
     "h264": {"crf": "6", "preset": "veryfast"},
     "vp9": {"crf": "6", "b": "0", "deadline": "realtime", "cpu-used": "8"},
     "mpeg4": {"qscale": "2"},
+    "hevc": {"crf": "6", "preset": "ultrafast", "x265-params": "log-level=none"},
 }
 
 

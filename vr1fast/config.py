@@ -32,7 +32,8 @@ class VideoConfig:
     image_min_pixels: int = 4 * 28 * 28   # MIN_PIXELS for images
     image_max_pixels: int = 256 * 28 * 28  # MAX_PIXELS for images
     max_ratio: float = 200.0              # smart_resize rejects more extreme aspect ratios
-    backend: Literal["auto", "decord", "pyav"] = "auto"  # CPU decoder; auto = decord if importable else PyAV
+    backend: Literal["auto", "dali", "decord", "pyav"] = "auto"  # auto = decord if importable else PyAV (CPU);
+    # dali = NVIDIA DALI (vr1fast.data.dali: NVDEC on a GPU; on CPU only VP8/VP9/MJPEG, the rest through PyAV)
     decode_timeout_s: float = 120.0       # a decode that takes longer is a MediaError, never a hang
 
 

@@ -156,32 +156,53 @@ def resize_frames(frames: torch.Tensor, height: int, width: int, chunk: Optional
     return out
 
 
-def _decode_video(path: PathLike, cfg: VideoConfig) -> Frames:
+def frame_size(path: PathLike, nframes: int, height: int, width: int, cfg: VideoConfig) -> tuple[int, int]:
+    """The (h, w) ``nframes`` upright frames of ``height``×``width`` are resized to: smart_resize with
+    :func:`video_pixel_bounds`; MediaError naming ``path`` for an extreme aspect ratio."""
+    min_pixels, max_pixels = video_pixel_bounds(nframes, cfg)
+    try:
+        return smart_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels, cfg.max_ratio)
+    except ValueError as e:
+        raise MediaError(path, str(e)) from e
+
+
+def decode_cpu(path: PathLike, cfg: VideoConfig) -> Frames:
+    """:class:`Frames` of ``path`` from a CPU decoder (``cfg.backend``: auto, decord or pyav) and the torch resize."""
     decoded = decode_frames(path, lambda total, fps: sample_frame_indices(total, fps, cfg),
                             backend=cfg.backend, timeout_s=cfg.decode_timeout_s)
     n, h, w, _ = decoded.frames.shape
-    min_pixels, max_pixels = video_pixel_bounds(n, cfg)
-    try:
-        size = smart_resize(h, w, IMAGE_FACTOR, min_pixels, max_pixels, cfg.max_ratio)
-    except ValueError as e:
-        raise MediaError(path, str(e)) from e
-    frames = resize_frames(torch.from_numpy(decoded.frames), *size)
+    frames = resize_frames(torch.from_numpy(decoded.frames), *frame_size(path, n, h, w, cfg))
     sample_fps = n / max(decoded.total_frames, 1e-6) * decoded.video_fps
     return Frames(frames, decoded.indices, decoded.total_frames, decoded.video_fps, sample_fps)
 
 
+def _decode_video(path: PathLike, cfg: VideoConfig) -> Frames:
+    if cfg.backend == "dali":
+        from vr1fast.data import dali  # optional dependency: imported only when asked for
+
+        return dali.read_videos([path], cfg)[0]
+    return decode_cpu(path, cfg)
+
+
 def cache_settings(cfg: VideoConfig) -> dict:
     """What a frame-cache key holds besides the file: every VideoConfig field that can change a video's frames (all
-    but the image bounds and the timeout), with ``backend`` resolved (auto is decord where installed) and the cache
-    format version."""
+    but the image bounds and the timeout), with ``backend`` resolved (auto is decord where installed; dali names its
+    device, "dali-cpu" or "dali-gpu") and the cache format version."""
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_FRAME_SETTINGS}
-    settings["backend"] = "decord" if cfg.backend != "pyav" and decord_available() else "pyav"
+    if cfg.backend == "dali":
+        from vr1fast.data import dali
+
+        settings["backend"] = f"dali-{dali.default_device()}"
+    else:
+        settings["backend"] = "decord" if cfg.backend != "pyav" and decord_available() else "pyav"
     return settings | {"version": FRAME_CACHE_VERSION}
 
 
 def read_video(path: PathLike, cfg: Optional[VideoConfig] = None, cache: Optional[FrameCache] = None) -> Frames:
     """Decode, sample and resize one video as Video-R1 trains (cfg None = ``VideoConfig()``); with ``cache``
     (``frame_cache.frame_cache(data_cfg)``) read back the frames of an earlier call instead, else store them.
+    ``cfg.backend == "dali"`` decodes through :mod:`vr1fast.data.dali` (frames on the GPU there, unless cached: the
+    cache holds and returns them on the CPU).
 
     Raises MediaError naming ``path`` for a missing, empty, truncated or undecodable file, one with too few
     frames, an extreme aspect ratio, or a decode slower than ``cfg.decode_timeout_s``.
@@ -192,8 +213,8 @@ def read_video(path: PathLike, cfg: Optional[VideoConfig] = None, cache: Optiona
 
     def build() -> tuple[torch.Tensor, dict]:
         f = _decode_video(path, cfg)
-        return f.frames, dict(indices=list(f.indices), total_frames=f.total_frames, video_fps=f.video_fps,
-                              sample_fps=f.sample_fps)
+        return f.frames.cpu(), dict(indices=list(f.indices), total_frames=f.total_frames, video_fps=f.video_fps,
+                                    sample_fps=f.sample_fps)
 
     frames, meta = cache.fetch(path, cache_settings(cfg), build)
     return Frames(frames, tuple(meta["indices"]), meta["total_frames"], meta["video_fps"], meta["sample_fps"])
