@@ -90,7 +90,7 @@ SAME_ERROR = [  # (argv, the ConfigError message), recorded with the parser befo
     (["--train=3"], "'train' is a section; set its keys, e.g. --train.<key>=..."),
     (["--rollout.num_generations=1"], "rollout.num_generations must be >= 2 (group std needs two samples)"),
     (["--reward.reward_funcs=[accuracy, speed]"], "reward.reward_funcs: unknown reward function(s) ['speed']"),
-    (["--preset=huge"], "unknown preset 'huge' (known: demo, videor1)"),
+    (["--preset=huge"], "unknown preset 'huge' (known: demo, videor1, videor1_sft, sft_demo, videor1_eval)"),
     (["train.max_steps=3"], "unexpected argument 'train.max_steps=3'; use --section.key=value"),
     (["--train.max_steps"], "--train.max_steps needs a value (--train.max_steps=VALUE)"),
     (["--loss.num_iteration=2"], "unknown config key 'loss.num_iteration' (known here: beta, delta, epsilon_high, "

@@ -321,12 +321,14 @@ def help_text(cfg: Config, prog: str) -> str:
     """Usage, the presets, then every section with its keys, types, defaults (``cfg``'s values) and docs."""
     width = min(shutil.get_terminal_size((100, 24)).columns, 120)
     lines = [f"usage: {prog} [--preset NAME] [--config FILE] [--section.key=VALUE | --section.key VALUE ...]", "",
-             *textwrap.wrap("Order: the preset (default demo; a --config YAML file may name one with 'preset:'), then "
+             *textwrap.wrap(f"Order: the preset ({cfg.preset} here; a --config YAML file may name one with "
+                            "'preset:'), then "
                             "the YAML file, then the arguments. VALUE is YAML: 3e-5, true/false, null, [0.9, 0.95]. "
                             f"Defaults below are the values before the arguments: preset {cfg.preset} and the --config "
                             "file, if one is given.", width),
              "", "presets (--preset NAME):"]
-    lines += [f"  {name:<10}{(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items()]
+    pad = max(map(len, PRESETS)) + 2
+    lines += [f"  {name:<{pad}}{(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items()]
     groups = [("options:", [*_entries("", cfg), ("--config FILE", "a YAML file of sections (and preset: NAME)"),
                             ("-h, --help", "print this and exit")])]
     groups += [(f"{name}: {(type(node).__doc__ or '').strip().partition(chr(10))[0]}".rstrip(),
