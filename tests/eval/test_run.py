@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vr1fast.config import demo
-from vr1fast.eval.answer import Item, answer_batch
+from vr1fast.config import demo, videor1_eval
+from vr1fast.eval.answer import Item, answer_batch, load_item
 from vr1fast.eval.benchmarks import heldout_dir, load_benchmark
 from vr1fast.eval.results import headline
 from vr1fast.eval.run import load_eval_model, main
@@ -153,6 +153,22 @@ def demo_with(synthetic: Path):
     cfg = demo()
     cfg.data.synthetic_dir = str(synthetic)
     return cfg
+
+
+def test_videor1_eval_preset_and_the_real_fps_in_m_rope(synthetic):
+    cfg = videor1_eval()
+    assert (cfg.data.eval_mode, cfg.video.max_frames, cfg.video.max_pixels, cfg.video.min_pixels) == \
+        (True, 32, 256 * 28 * 28, 128 * 28 * 28)
+    assert (cfg.eval.sampling, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.max_new_tokens) == \
+        ("videor1", 0.1, 0.001, 1024)
+    bench = load_benchmark(synthetic / "rl.json", cfg)
+    video = Item(bench.samples[MC_VIDEO], bench.records[MC_VIDEO])  # 32 frames at 4 fps
+    loaded = load_item(video, cfg)  # 2 fps over 8 s: 16 frames, sampled at 2 fps -> 2 / 2 s per temporal patch
+    assert loaded.media.shape[0] == 16 and loaded.seconds_per_grid == 1.0
+    demo_cfg = demo_with(synthetic)  # at most 8 frames: sampled at 1 fps -> 2 s per temporal patch
+    assert load_item(video, demo_cfg).seconds_per_grid == 2.0
+    demo_cfg.eval.real_fps = False  # training's constant instead
+    assert load_item(video, demo_cfg).seconds_per_grid == demo_cfg.data.second_per_grid_ts == 1.0
 
 
 def test_greedy_answers_are_deterministic_across_seeds_engines_and_videor1_sampling(synthetic):

@@ -48,19 +48,20 @@ class Item:
 
 
 @dataclass(frozen=True)
-class _Loaded:
+class Loaded:
     item: Item
     media: torch.Tensor             # uint8 video [T, H, W, 3] or image [H, W, 3]
     seconds_per_grid: float         # M-RoPE seconds per temporal patch (videos)
 
 
-def _load(item: Item, cfg: Config) -> _Loaded:
+def load_item(item: Item, cfg: Config) -> Loaded:
+    """``item``'s decoded media and M-RoPE seconds per temporal patch (module docstring); MediaError if broken."""
     sample = item.sample
     if sample.data_type != "video":
-        return _Loaded(item, load_image(sample.path, cfg.video), 0.0)
+        return Loaded(item, load_image(sample.path, cfg.video), 0.0)
     video = read_video(sample.path, cfg.video)
     spg = TEMPORAL_PATCH_SIZE / video.sample_fps if cfg.eval.real_fps else cfg.data.second_per_grid_ts
-    return _Loaded(item, video.frames, spg)
+    return Loaded(item, video.frames, spg)
 
 
 def _shuffled(frames: torch.Tensor, sample: Sample, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,7 @@ def _shuffled(frames: torch.Tensor, sample: Sample, cfg: Config) -> tuple[torch.
     return shuffle_frames(frames, generator, cfg.data.frame_shuffle, cfg.data.shuffle_allow_identity)
 
 
-def _generate(model, tokenizer, prompts: list[_Loaded], media: list[torch.Tensor], cfg: Config,
+def _generate(model, tokenizer, prompts: list[Loaded], media: list[torch.Tensor], cfg: Config,
               device: torch.device, seed: int) -> list[str]:
     """One completion per prompt (``prompts[i]`` with ``media[i]``), decoded."""
     batch = build_prompt_batch(tokenizer, [build_messages(p.item.sample, cfg.data.eval_mode) for p in prompts], media,
@@ -94,11 +95,11 @@ def answer_batch(model, tokenizer, items: Sequence[Item], cfg: Config, *, device
     """The result rows of ``items``, in order (module docstring): ``{"index", "record", "output", "prediction",
     "score", "correct"}`` plus ``shuffled_output``, ``shuffled_prediction``, ``shuffled_score``, ``permutation`` for a
     video with ``shuffled``; ``{"index", "record", "broken": reason}`` for a broken file under ``data.skip_bad``."""
-    loaded: list[Optional[_Loaded]] = []
+    loaded: list[Optional[Loaded]] = []
     rows: list[dict] = [{"index": it.sample.index, "record": it.record} for it in items]
     for item, row in zip(items, rows):
         try:
-            loaded.append(_load(item, cfg))
+            loaded.append(load_item(item, cfg))
         except MediaError as e:
             if not cfg.data.skip_bad:
                 raise
