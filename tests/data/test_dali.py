@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -71,6 +72,16 @@ def test_several_videos_in_flight_equal_one_at_a_time(vp9):
     for path, got in zip(paths, batched):
         alone = dali.read_videos([path], DALI, device="cpu")[0]
         assert got.indices == alone.indices and torch.equal(got.frames, alone.frames)
+
+
+@needs_dali
+def test_metadata_is_probed_once_per_file_version(vp9):
+    first = dali.probe(vp9["vfr"])
+    misses = dali._probe_cached.cache_info().misses
+    assert dali.probe(vp9["vfr"]) == first and dali._probe_cached.cache_info().misses == misses
+    st = os.stat(vp9["vfr"])
+    os.utime(vp9["vfr"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a touched file is probed again
+    assert dali.probe(vp9["vfr"]) == first and dali._probe_cached.cache_info().misses == misses + 1
 
 
 @needs_dali
