@@ -18,19 +18,21 @@ per process and setting, built on first use and fed through ``external_source``:
 * Outputs reach torch through DLPack with no copy (device memory on a GPU, ordered after DALI's stream by the
   protocol, no host sync): the pipeline runs DALI's dynamic executor (``exec_dynamic=True``), whose outputs belong
   to their holder and are not overwritten by the next run.
-* Resize: on a GPU DALI's cubic (Keys a = −0.5) antialiased resize; on CPU by default the torch resize of the CPU
-  path, which matches it exactly (DALI's resize differs from it by at most 2, mean 0.003, on 640×360 → 420×224).
+* Resize: on a GPU DALI's cubic (Keys a = −0.5) antialiased resize; on CPU by default the CPU path's own torch
+  resize, so that the decoder is the only difference there (DALI's resize differs from it by at most 2, mean 0.003,
+  on 640×360 → 420×224).
 * Rotation: DALI ignores display matrices, so frames are resized to the unrotated size and turned afterwards with
   ``torch.rot90`` (the resize is separable and symmetric, so the order does not matter).
 * Colours differ from FFmpeg's swscale (the CPU path): DALI converts with exact BT.601 limited-range coefficients
-  (swscale's integer approximation is 1–2 off) and interpolates chroma (swscale replicates it). Measured on VP9
-  clips, raw decode against PyAV: mean |Δ| 0.7–1.8 per channel, 99.9th percentile 2–5 on flat or smooth content,
-  up to 50 (max ~100) on sharp chroma edges.
+  (a flat colour comes out 1–2 off) and upsamples chroma differently. Measured on CPU, VP9: raw decodes against
+  PyAV mean |Δ| 0.7–1.8 per channel, 99.9th percentile 2–5 on flat or smooth content, up to 50 (max ~100) at sharp
+  chroma edges; :func:`read_videos` against ``read_video`` on 640×360 and 480×360 clips of flat coloured cells
+  (tests/data/test_dali.py) mean ≤ 1.63 per channel, 99.9th percentile 27–34, max 59.
 * Codecs: DALI's CPU decoder has only VP8, VP9 and MJPEG (its bundled FFmpeg lacks H.264 and HEVC since 2.1.1), so
   on CPU every other codec is decoded by PyAV (:func:`vr1fast.data.video.decode_cpu`) whatever the backend says,
   and the log says so once per process. On a GPU, codecs outside the Mixed backend's list go to PyAV, and a file
   DALI fails on is decoded by PyAV with a warning naming it (as qwen-vl-utils falls back from decord).
-* ``video.decode_timeout_s`` bounds the PyAV fallback only; a DALI run is not interrupted.
+* ``video.decode_timeout_s`` bounds the probe and the PyAV fallback; a DALI run is not interrupted.
 """
 from __future__ import annotations
 
