@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from vr1fast.config import VideoConfig
-from vr1fast.data.decode import decode_frames, pyav
+from vr1fast.data.decode import clockwise_rotation, decode_frames, pyav
 from vr1fast.data.video import Frames, decode_cpu, frame_size, resize_frames, sample_frame_indices
 from vr1fast.errors import MediaError, Vr1fastError
 
@@ -112,17 +112,6 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
-def _clockwise_rotation(stream, first_frame) -> int:
-    """vr1fast.data.decode's (decord's) rule: the ``rotate`` tag if non-zero, else minus the display-matrix angle,
-    modulo 360, truncated."""
-    tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), "")
-    try:
-        theta = float(tag) if tag.strip() else 0.0
-    except ValueError:
-        theta = 0.0
-    return int((theta or -float(getattr(first_frame, "rotation", 0) or 0)) % 360.0)
-
-
 def _probe_pyav(path: str, timeout_s: float) -> VideoInfo:
     """Frame count and fps from vr1fast.data.decode itself (PyAV, first frame only: its rule, its timeout), then
     the codec, coded size and rotation from the stream and its first frame."""
@@ -133,7 +122,7 @@ def _probe_pyav(path: str, timeout_s: float) -> VideoInfo:
             stream = container.streams.best("video")
             height, width, codec = stream.codec_context.height, stream.codec_context.width, stream.codec_context.name
             first = next(container.decode(stream), None)
-            rotation = _clockwise_rotation(stream, first) if first is not None else 0
+            rotation = clockwise_rotation(stream, first) if first is not None else 0
     except av.error.FFmpegError as e:
         raise MediaError(path, _one_line(e)) from e
     return VideoInfo(count.total_frames, count.video_fps, height, width, codec, rotation)

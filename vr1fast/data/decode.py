@@ -87,7 +87,7 @@ def _average_fps(stream) -> float:
     return float(rate) if rate else 0.0
 
 
-def _clockwise_rotation(stream, first_frame) -> int:
+def clockwise_rotation(stream, first_frame) -> int:
     """decord's angle: the ``rotate`` tag if non-zero, else −(display-matrix angle), modulo 360, truncated."""
     tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), "")
     try:
@@ -143,7 +143,7 @@ class _PyAVReader:
 
     def _rgb(self, frame) -> np.ndarray:
         if self.rotation is None:
-            self.rotation = _clockwise_rotation(self.stream, frame)
+            self.rotation = clockwise_rotation(self.stream, frame)
         w, h = self.size
         if (frame.width, frame.height) == (w, h) or not (w and h):
             return frame.to_ndarray(format="rgb24")
