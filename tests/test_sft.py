@@ -157,9 +157,9 @@ def test_demo_cli_loss_falls_and_writes_metrics_plot_and_checkpoints(synthetic, 
 
 
 def test_resume_is_exact(synthetic, tmp_path):
-    """4 steps straight = 2 steps, a checkpoint, a new process state resumed from it, 2 more: the same losses
-    and data positions at every step and bitwise the same weights (2 examples × 2 accumulation steps a step)."""
-    extra = ("--train.max_steps=4", "--train.save_every=2", "--train.prompts_per_rank=2", "--train.grad_accum=2")
+    """4 steps straight = 2 steps, a checkpoint, a new build resumed from it, 2 more: the same losses
+    and data positions at every step and bitwise the same weights (1 example × 2 accumulation steps a step)."""
+    extra = ("--train.max_steps=4", "--train.save_every=2", "--train.prompts_per_rank=1", "--train.grad_accum=2")
     straight = parse_args(_args(synthetic, tmp_path / "straight", *extra))
     run, state = sft.build(straight)
     sft.train(run, state)
@@ -177,7 +177,7 @@ def test_resume_is_exact(synthetic, tmp_path):
     assert comparable(a) == comparable(b) and [r["step"] for r in b] == [1, 2, 3, 4]
     ends = [json.loads((tmp_path / d / "checkpoints" / "step_000004" / "state.json").read_text())
             for d in ("straight", "cut")]
-    assert ends[0]["data"] == ends[1]["data"] == {"epoch": 2, "index": 0}  # 16 examples of 8 records
+    assert ends[0]["data"] == ends[1]["data"] == {"epoch": 1, "index": 0}  # 8 examples of 8 records
     from vr1fast.model.load import load_weights
     wa, wb = (_weights(load_weights(tiny_model(0)[0], tmp_path / d / "checkpoints" / "step_000004" / "model"))
               for d in ("straight", "cut"))
