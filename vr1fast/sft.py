@@ -20,11 +20,17 @@ Loss: position t predicts label t+1 (HF's shift). Only the hidden states of posi
 through the LM head, through the repo's head kernels (``kernels.linear_logprobs``: no [N, V] logits for the
 batch; ``loss.impl`` / ``loss.head`` pick the implementation): NLL = -log p(label). ``sft.loss_norm``:
 ``example`` (default) = each example's mean NLL over its labelled tokens (HF's causal-LM loss of that example
-alone), averaged over the step's ``train.prompts_per_rank x train.grad_accum`` examples; ``token`` = the mean
-over all labelled tokens of the step. Both are computed as per-token weights known before the first forward
+alone), averaged over the step's ``train.prompts_per_rank x train.grad_accum`` examples: at Video-R1's batch 1 x 2
+accumulation steps HF Trainer averages the two micro-batch means, as long as the loss is not normalised by
+``num_items_in_batch`` (not checked against Video-R1's transformers build); ``token`` = the mean over all
+labelled tokens of the step (that normalisation). Both are computed as per-token weights known before the first forward
 (every micro-batch of a step is collated first), so a step's value does not depend on how its examples are split
 into micro-batches, and no micro-batch loss is divided by ``grad_accum`` again. The ranks' gradients are averaged
 (DDP / FSDP2 / DeepSpeed), so the step's objective is the mean of the ranks' losses.
+
+Precision is training's plan (``precision.precision_plan``): DeepSpeed (Video-R1 used ZeRO-2) and FSDP2 compute in
+bf16, ``none`` / DDP under bf16 autocast over fp32 weights. The head on labelled positions only gives the values of
+Video-R1's full logits (``tests/test_sft.py``: HF's cross-entropy to 1e-10 in float64).
 
 Deviations from Video-R1 (``sft_video.py``, TRL ``SFTTrainer``): batches of several examples (its collator keeps
 one example's media); prompt tokens out of the loss by default (``sft.labels=videor1`` restores its labels); the
