@@ -1,7 +1,8 @@
-"""torchrun worker for tests/test_lora_dist.py: ``torchrun --nproc_per_node=2 tests/_lora_worker.py OUT ARGS...``.
+"""torchrun worker for tests/test_lora_dist.py: ``torchrun --nproc_per_node=2 tests/_lora_worker.py OUT ARGS...``
+(or ``python tests/_lora_worker.py OUT ARGS...``: one process, DeepSpeed makes a group of one).
 
 Builds the LoRA policy with every lora_B drawn at random (:func:`perturbed_models`, also used by
-tests/model/test_lora.py), trains with ``vr1fast.train`` (ARGS: its config overrides, LoRA on), then on every rank:
+tests/model/test_lora.py; with ``--train.resume`` the checkpoint's adapters instead), trains with ``vr1fast.train`` (ARGS: its config overrides, LoRA on), then on every rank:
 runs the reference (the policy with adapters disabled, through the strategy's forward) and a fresh base model on one
 prompt, gathers the full weights its strategy's way and hashes the adapters. Rank 0 writes, per rank, the adapter
 hash, the largest change of any base weight and the smallest change of any adapter tensor, and the reference's
@@ -61,7 +62,8 @@ def _report(run, initial: dict[str, torch.Tensor], base: torch.Tensor, start: di
     base_moved = max((v - initial[k.replace(".base_layer", "")]).abs().max().item()
                      for k, v in weights.items() if k not in adapters)
     return ({"rank": run.info.rank, "digest": digest.hexdigest(), "base_moved": base_moved,
-             "adapter_moved": min((v - start[k]).abs().max().item() for k, v in adapters.items()),
+             "adapter_moved": min(((v - start[k]).abs().max().item() for k, v in adapters.items() if k in start),
+                                  default=None),
              "ref_vs_base": (ref - base).abs().max().item()},
             {_peft_key("model." + k): v for k, v in adapters.items()})
 
@@ -75,8 +77,8 @@ def main() -> None:
     initial = base_model.state_dict()
     with torch.no_grad():
         base = base_model(input_ids=IDS).logits
-    models = perturbed_models(cfg)
-    start = {n: p.detach().clone() for n, p in models[0].named_parameters() if ".lora_" in n}
+    models = perturbed_models(cfg) if cfg.train.resume == "none" else None  # resuming: the checkpoint's adapters
+    start = {n: p.detach().clone() for n, p in models[0].named_parameters() if ".lora_" in n} if models else {}
     run, state = build(cfg, models)
     train(run, state)
     row, adapters = _report(run, initial, base, start)

@@ -221,11 +221,12 @@ def save(root: Path, step: int, policy: dist.Wrapped, *, info: dist.DistInfo, pr
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    weights = dist.full_state_dict(policy)
+    adapters = lora.is_lora(policy.model)  # LoRA: the adapters only are gathered and saved
+    weights = dist.full_state_dict(policy, trainable_only=adapters)
     dist.save_state(policy, tmp, info)
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.is_main:
-        if lora.is_lora(policy.model):
+        if adapters:
             lora.save_adapter(policy.model, weights, tmp / "model")
         else:
             policy.model.save_pretrained(tmp / "model", state_dict=weights)

@@ -112,9 +112,10 @@ def optimizer_step(wrapped: Wrapped) -> Optional[torch.Tensor]:
     return _STRATEGIES[wrapped.strategy].optimizer_step(wrapped)
 
 
-def full_state_dict(wrapped: Wrapped) -> dict[str, torch.Tensor]:
-    """The whole model's weights under HF module keys, on CPU, on rank 0 (maybe empty elsewhere). Collective."""
-    return _STRATEGIES[wrapped.strategy].full_state_dict(wrapped)
+def full_state_dict(wrapped: Wrapped, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights under HF module keys, on CPU, on rank 0 (maybe empty elsewhere). Collective.
+    ``trainable_only``: the parameters with ``requires_grad`` only (LoRA: the adapters; nothing else gathered)."""
+    return _STRATEGIES[wrapped.strategy].full_state_dict(wrapped, trainable_only)
 
 
 def save_state(wrapped: Wrapped, folder: Path, info: DistInfo) -> None:

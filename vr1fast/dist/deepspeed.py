@@ -200,22 +200,32 @@ def optimizer_step(wrapped: Wrapped) -> Optional[torch.Tensor]:
     return None if norm is None else torch.as_tensor(float(norm))
 
 
-def full_state_dict(wrapped: Wrapped) -> dict[str, torch.Tensor]:
+def full_state_dict(wrapped: Wrapped, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     if wrapped.zero_stage == 3:
-        sd = wrapped.engine._zero3_consolidated_16bit_state_dict() or {}
+        sd = wrapped.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only) or {}
+    elif trainable_only:
+        sd = dict(trainable(wrapped.engine.module))
     else:
         sd = wrapped.engine.module.state_dict()
     return strip_runner_prefix(sd)
 
 
+def _frozen(wrapped: Wrapped) -> bool:
+    return any(not p.requires_grad for p in wrapped.engine.module.parameters())
+
+
 def save_state(wrapped: Wrapped, folder: Path, info: DistInfo) -> None:
-    """``engine.save_checkpoint``: ZeRO partitions of weights and optimizer, the schedule. Collective."""
-    wrapped.engine.save_checkpoint(str(folder / ENGINE_DIR), tag=TAG, save_latest=False)
+    """``engine.save_checkpoint``: ZeRO partitions of weights and optimizer, the schedule. Collective. Frozen
+    parameters (LoRA's base, a frozen vision tower) are left out: the resumed build holds them already (the model
+    folder, or the configured base under LoRA), so a LoRA checkpoint does not carry the base model."""
+    wrapped.engine.save_checkpoint(str(folder / ENGINE_DIR), tag=TAG, save_latest=False,
+                                   exclude_frozen_parameters=_frozen(wrapped))
 
 
 def load_state(wrapped: Wrapped, folder: Path, info: DistInfo, read: Callable[..., Any]) -> None:
-    """DeepSpeed's own loader (it unpickles: the caller screens ``folder / ENGINE_DIR`` first)."""
-    wrapped.engine.load_checkpoint(str(folder / ENGINE_DIR), tag=TAG)
+    """DeepSpeed's own loader (it unpickles: the caller screens ``folder / ENGINE_DIR`` first); not strict about
+    the module's keys when frozen parameters were left out (the same build: the trainable ones are all there)."""
+    wrapped.engine.load_checkpoint(str(folder / ENGINE_DIR), tag=TAG, load_module_strict=not _frozen(wrapped))
 
 
 def close(info: DistInfo, wrapped: list[Wrapped]) -> None:

@@ -95,9 +95,9 @@ def grad_sync(wrapped: Wrapped, sync: bool):
     yield
 
 
-def full_state_dict(wrapped: Wrapped) -> dict[str, torch.Tensor]:
+def full_state_dict(wrapped: Wrapped, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return strip_runner_prefix(get_model_state_dict(wrapped.runner, options=opts))
 
 

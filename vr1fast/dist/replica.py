@@ -83,7 +83,9 @@ def optimizer_step(wrapped: Wrapped) -> Optional[torch.Tensor]:
     return None
 
 
-def full_state_dict(wrapped: Wrapped) -> dict[str, torch.Tensor]:
+def full_state_dict(wrapped: Wrapped, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    if trainable_only:
+        return strip_runner_prefix(dict(trainable(wrapped.runner)))
     return strip_runner_prefix(wrapped.runner.state_dict())
 
 
