@@ -19,7 +19,7 @@ from vr1fast.eval.answer import Item, answer_batch, load_item
 from vr1fast.eval.benchmarks import heldout_dir, load_benchmark
 from vr1fast.eval.results import headline
 from vr1fast.eval.run import load_eval_model, main
-from vr1fast.eval.scoring import prediction, score
+from vr1fast.eval.scoring import prediction, process, score
 from vr1fast.metrics import read_jsonl
 from vr1fast.model import lora
 from vr1fast.model.load import tiny_model
@@ -67,6 +67,7 @@ def test_video_r1_schema_file_rows_summary_and_table(synthetic, tmp_path, capsys
         assert r["prediction"] == prediction(r["output"])
         assert r["score"] == score(r["output"], r["record"]["solution"], r["record"]["problem_type"])
         assert r["correct"] == (r["score"] == 1.0) and "shuffled_output" not in r
+        assert r.get("process", "") == process(r["output"])
     s = summary(tmp_path / "out", "mini")
     assert (s["benchmark"], s["records"], s["scored"], s["broken"], s["video_items"]) == ("mini", 3, 3, 0, 0)
     assert s["settings"]["max_new_tokens"] == 4 and s["settings"]["sampling"] == "greedy"

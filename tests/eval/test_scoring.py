@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from vr1fast.eval.scoring import benchmark_means, mean_relative_accuracy, prediction, score, vsi_bench_score
+from vr1fast.eval.scoring import benchmark_means, mean_relative_accuracy, prediction, process, score, vsi_bench_score
 from vr1fast.rl.rewards import accuracy_reward
 
 
@@ -226,3 +226,14 @@ def test_vsi_bench_from_scored_outputs():
     mra = f32((f32(0.9) + 1.0) / 2)    # float32 sum 1.8999999762 is exact; / 2 is exact
     assert benchmark_means(items) == {"mean_acc": 0.5, "mean_mra": mra}
     assert vsi_bench_score(items) == (0.5 + mra) / 2
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("<think> let me think\nwait </think>\n<answer>B</answer>", "<think>let me think\nwait</think>"),
+    ("<think>a</think><think>b</think>", "<think>a</think>"),          # the first block
+    ("<think>  </think><answer>B</answer>", ""),                       # empty
+    ("<think>unclosed <answer>B</answer>", ""),
+    ("B", ""),
+])
+def test_process_is_the_first_think_block(output, expected):
+    assert process(output) == expected

@@ -34,10 +34,9 @@ from vr1fast.data.shuffle import shuffle_frames
 from vr1fast.data.video import load_image, read_video
 from vr1fast.dist import step_seed
 from vr1fast.errors import MediaError
-from vr1fast.eval.scoring import prediction, score
+from vr1fast.eval.scoring import prediction, process, score
 from vr1fast.model.qwen import TEMPORAL_PATCH_SIZE
 from vr1fast.rollout import generate
-
 
 @dataclass(frozen=True)
 class Item:
@@ -86,14 +85,18 @@ def _generate(model, tokenizer, prompts: list[Loaded], media: list[torch.Tensor]
 
 
 def _scored(prefix: str, text: str, sample: Sample, cfg: Config) -> dict:
-    return {f"{prefix}output": text, f"{prefix}prediction": prediction(text),
-            f"{prefix}score": score(text, sample.solution, sample.problem_type, rules=cfg.eval.rules)}
+    row = {f"{prefix}output": text, f"{prefix}prediction": prediction(text),
+           f"{prefix}score": score(text, sample.solution, sample.problem_type, rules=cfg.eval.rules)}
+    if process(text):
+        row[f"{prefix}process"] = process(text)
+    return row
 
 
 def answer_batch(model, tokenizer, items: Sequence[Item], cfg: Config, *, device: torch.device, seed: int,
                  shuffled: bool = False) -> list[dict]:
     """The result rows of ``items``, in order (module docstring): ``{"index", "record", "output", "prediction",
-    "score", "correct"}`` plus ``shuffled_output``, ``shuffled_prediction``, ``shuffled_score``, ``permutation`` for a
+    "score", "correct"}`` (and ``process`` when the output thinks, as Video-R1) plus ``shuffled_output``,
+    ``shuffled_prediction``, ``shuffled_score`` (``shuffled_process``), ``permutation`` for a
     video with ``shuffled``; ``{"index", "record", "broken": reason}`` for a broken file under ``data.skip_bad``."""
     loaded: list[Optional[Loaded]] = []
     rows: list[dict] = [{"index": it.sample.index, "record": it.record} for it in items]

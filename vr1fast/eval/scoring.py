@@ -49,6 +49,7 @@ it needs both groups. Other benchmarks report ``mean_acc`` alone.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Optional
 
 import torch
@@ -61,12 +62,20 @@ RULES = ("videor1_eval", "train")
 _TRAINING_RULES = ("multiple choice", "numerical")
 _TEXT_RULES = ("OCR", "free-form")
 _END_TAG = "</answer>"
+_THINK = re.compile(r"<think>\s*(.*?)\s*</think>", re.DOTALL)
 
 
 def prediction(output: str) -> str:
     """The answer Video-R1's eval scores: the first ``<answer>`` block's stripped content, else the whole output."""
     answer = extract_answer(output)
     return answer if answer else output
+
+
+def process(output: str) -> str:
+    """``"<think>…</think>"`` of the output's first think block (content stripped), ``""`` when it has none or an
+    empty one: the ``process`` field Video-R1's eval writes beside each answer."""
+    match = _THINK.search(output)
+    return f"<think>{match.group(1)}</think>" if match and match.group(1) else ""
 
 
 def mean_relative_accuracy(prediction: float, target: float) -> float:
