@@ -166,3 +166,20 @@ def test_step_metrics_max_keys_take_the_max_of_the_micro_batches():
     out = step_metrics(rows, {}, None, 1e-3)
     assert out["loss"] == 2.0 and out["rollout/logprob_diff_max"] == 0.5
     assert out["rollout/logprob_diff_mean"] == pytest.approx(0.2)
+
+
+def test_plot_has_one_panel_per_entry(tmp_path):
+    """``panels`` picks the figure (SFT plots loss / lr / grad norm / labelled tokens, not the RL reward panels):
+    the PNG is 2.6 inches × 100 dpi tall per panel (its height read from the PNG header)."""
+    import struct
+
+    from vr1fast.metrics import PLOT_PANELS, plot_metrics
+    from vr1fast.sft import PLOT_PANELS as SFT_PANELS
+
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "learning_rate": 1e-3, "grad_norm": 2.0,
+                                         "labelled_tokens": 40.0}) + "\n" for s in (1, 2, 3)))
+    for panels in (PLOT_PANELS, SFT_PANELS, PLOT_PANELS[:1]):
+        png = plot_metrics(jsonl, tmp_path / f"{len(panels)}.png", panels)
+        height = struct.unpack(">I", png.read_bytes()[20:24])[0]
+        assert height == round(2.6 * len(panels) * 100)

@@ -100,8 +100,9 @@ class Metrics:
     """``log(step, values)`` after every step; ``close()`` at the end writes the plot."""
 
     def __init__(self, cfg: MetricsConfig, out_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 enabled: bool = True, run_config: Optional[dict] = None):
-        self.cfg, self.enabled = cfg, enabled
+                 enabled: bool = True, run_config: Optional[dict] = None,
+                 panels: tuple[tuple[str, tuple[str, ...]], ...] = PLOT_PANELS):
+        self.cfg, self.enabled, self.panels = cfg, enabled, panels
         self.out_dir = Path(out_dir)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
         self.plot_path = self.out_dir / "metrics.png"
@@ -145,8 +146,8 @@ class Metrics:
             self._wandb.log(row, step=step)
         if self._bar:
             self._bar.update(1)
-            self._bar.set_postfix(reward=f"{row.get('reward', float('nan')):.3f}",
-                                  loss=f"{row.get('loss', float('nan')):.4f}", refresh=False)
+            shown = {k: f"{row[k]:.{digits}f}" for k, digits in (("reward", 3), ("loss", 4)) if k in row}
+            self._bar.set_postfix(shown, refresh=False)
 
     def sample_step(self, step: int) -> bool:
         """Whether step ``step`` (1-based) logs its completions (``metrics.samples_every``); the same on every rank."""
@@ -177,19 +178,22 @@ class Metrics:
         if self._wandb:
             self._wandb.finish()
         if self.cfg.plot and self.cfg.jsonl and self.jsonl_path.is_file():
-            return plot_metrics(self.jsonl_path, self.plot_path)
+            return plot_metrics(self.jsonl_path, self.plot_path, self.panels)
         return None
 
 
-def plot_metrics(jsonl_path: str | Path, png_path: str | Path) -> Path:
-    """One panel per entry of ``PLOT_PANELS`` (reward parts, temporal reward, completion length) against step."""
+def plot_metrics(jsonl_path: str | Path, png_path: str | Path,
+                 panels: tuple[tuple[str, tuple[str, ...]], ...] = PLOT_PANELS) -> Path:
+    """One panel per ``(title, keys)`` of ``panels`` against step; default ``PLOT_PANELS`` (reward parts, temporal
+    reward, completion length: training's)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(jsonl_path)
-    fig, axes = plt.subplots(len(PLOT_PANELS), 1, figsize=(7, 2.6 * len(PLOT_PANELS)), sharex=True)
-    for ax, (title, keys) in zip(axes, PLOT_PANELS):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:

@@ -65,6 +65,12 @@ from vr1fast.model.tokenizer import token_ids
 from vr1fast.precision import precision_plan
 
 IGNORE = -100  # label of a position outside the loss
+PLOT_PANELS = (  # metrics.png of an SFT run
+    ("loss (mean NLL of the labelled tokens)", ("loss",)),
+    ("learning rate", ("learning_rate",)),
+    ("gradient norm (before clipping)", ("grad_norm",)),
+    ("labelled tokens per step", ("labelled_tokens",)),
+)
 
 
 @dataclass
@@ -303,7 +309,8 @@ def build(cfg: Config, *, local: bool = False) -> tuple[Run, SFTState]:
         state = SFTState(saved["step"], Position(**saved["data"]))
     resolved = {"precision": precision.describe(), "attention": model.config._attn_implementation}
     metrics = Metrics(cfg.metrics, cfg.train.output_dir, total_steps=total, start_step=state.step,
-                      enabled=info.is_main and not local, run_config={**cfg.to_dict(), "resolved": resolved})
+                      enabled=info.is_main and not local, run_config={**cfg.to_dict(), "resolved": resolved},
+                      panels=PLOT_PANELS)
     if info.is_main and not local:
         dist.print0(f"vr1fast.sft: {resolved['precision']}; attention {resolved['attention']}")
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
