@@ -22,8 +22,8 @@ pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = {
-    "ddp": ["--dist.strategy=ddp", "--train.grad_accum=2"],
-    "fsdp2_paged": ["--dist.strategy=fsdp2", "--train.grad_accum=2", "--rollout.engine=paged"],
+    "ddp": ["--dist.strategy=ddp"],
+    "fsdp2_paged": ["--dist.strategy=fsdp2", "--rollout.engine=paged"],
     "zero3": ["--dist.strategy=deepspeed", f"--dist.deepspeed_config={REPO / 'configs' / 'zero3.json'}"],
 }
 
