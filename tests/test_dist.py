@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from vr1fast.metrics import read_jsonl
-from vr1fast.model.load import save_tiny
+from vr1fast.model.load import load_model, save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = {
@@ -90,3 +90,16 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
         assert gathers[4] == gathers[1], gathers
         assert (gathers[1] > 0) == (strategy.removesuffix("_paged") in ("fsdp2", "zero3", "zero3_folder")), gathers
     assert _hf_digest(out / "checkpoints" / "step_000002" / "model") == a["digest"]
+
+
+def test_meta_build_from_a_folder_reads_no_weights(tmp_path):
+    """Rank-0 loading's other ranks: ``load_model(path, device="meta")`` gives the folder's architecture, dtype and
+    generation config with every tensor on the meta device (the weights file is never opened: it is gone here)."""
+    folder = save_tiny(tmp_path / "tiny")
+    full = load_model(folder, dtype="float32", attn_implementation="sdpa")[0]
+    (folder / "model.safetensors").unlink()
+    meta = load_model(folder, dtype="float32", attn_implementation="sdpa", device="meta")[0]
+    assert all(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+    assert {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in full.state_dict().items()}
+    assert meta.generation_config.to_dict() == full.generation_config.to_dict()

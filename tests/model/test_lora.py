@@ -42,6 +42,7 @@ def _run(synthetic, out, *extra, resume=False):
             again = run.policy.runner(_logits, IDS)
         assert torch.equal(policy, again)  # adapters enabled again after the reference's forward
         assert run.policy.model.lm_head.weight.grad is None  # frozen head: no dW
+        assert run.ref.model is run.policy.model  # no second copy of the weights
     finally:
         close(run)
     return run.policy.model, ref, policy
@@ -135,3 +136,8 @@ def test_a_target_that_matches_nothing_is_one_line_naming_it():
     with pytest.raises(ConfigError, match="'qkv'") as e:
         lora.apply_lora(tiny_model(0)[0], LoraConfig(enabled=True, target_modules=("q_proj", "qkv")))
     assert "\n" not in str(e.value)
+
+
+def test_vision_lora_with_a_frozen_vision_tower_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.lora.vision=lora"):
+        parse_args(["--model.lora.enabled=true", "--model.lora.vision=lora", "--model.freeze_vision=true"])
