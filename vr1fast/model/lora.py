@@ -16,9 +16,9 @@ checkpoints and the merged export.
 - :func:`export_merged` / ``python -m vr1fast.model.lora --export ADAPTER_DIR --out DIR [--base BASE_DIR]``: the
   base with the adapters merged in (peft's ``merge_and_unload``), an HF folder ``from_pretrained`` loads.
 
-Deviation from Video-R1 (TRL's ``get_peft_model``): the same LoRA layers and defaults (r 16, alpha 32, dropout 0.05,
-bias none), but TRL's ``target_modules`` name matches vision MLPs too; here the vision tower is adapted only when
-asked.
+Deviation from Video-R1 (TRL's ``get_peft_config`` + ``get_peft_model``): the same LoRA layers and defaults (r 16,
+alpha 32, dropout 0.05, bias none), but a plain list of names there matches every module with that name, the vision
+blocks' MLPs included (peft matches name suffixes); here the vision tower is adapted only with ``vision="lora"``.
 """
 from __future__ import annotations
 
