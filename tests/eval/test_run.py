@@ -45,8 +45,8 @@ def write_benchmark(folder: Path, synthetic: Path, picks: list[int], name: str =
 
 
 def eval_args(out: Path, *extra: str) -> list[str]:
-    return [f"--eval.output_dir={out}", "--eval.sampling=greedy", "--eval.max_new_tokens=4", "--eval.batch_size=2",
-            "--metrics.progress_bar=false", *extra]
+    return ["--preset=demo", f"--eval.output_dir={out}", "--eval.sampling=greedy", "--eval.max_new_tokens=4",
+            "--eval.batch_size=2", "--metrics.progress_bar=false", *extra]
 
 
 def summary(out: Path, name: str) -> dict:
@@ -156,7 +156,10 @@ def demo_with(synthetic: Path):
     return cfg
 
 
-def test_videor1_eval_preset_and_the_real_fps_in_m_rope(synthetic):
+def test_videor1_eval_preset_and_the_real_fps_in_m_rope(synthetic, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])  # python -m vr1fast.eval starts from videor1_eval
+    assert "preset (videor1_eval here;" in capsys.readouterr().out
     cfg = videor1_eval()
     assert (cfg.data.eval_mode, cfg.video.max_frames, cfg.video.max_pixels, cfg.video.min_pixels) == \
         (True, 32, 256 * 28 * 28, 128 * 28 * 28)

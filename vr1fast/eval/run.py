@@ -1,6 +1,6 @@
-"""``python -m vr1fast.eval [--preset videor1_eval] [--eval.benchmarks=[A.json, ...]] [--model.path=DIR] ...``:
-Video-R1's benchmark evaluation (``src/eval_bench.py``); ``torchrun --nproc_per_node=N -m vr1fast.eval ...`` runs it
-data-parallel and rank 0 writes the results.
+"""``python -m vr1fast.eval [--eval.benchmarks=[A.json, ...]] [--model.path=DIR] ...``: Video-R1's benchmark
+evaluation (``src/eval_bench.py``) with the ``videor1_eval`` preset unless another is named; ``torchrun
+--nproc_per_node=N -m vr1fast.eval ...`` runs it data-parallel and rank 0 writes the results.
 
 The model is ``model.path``: an HF Qwen2.5-VL folder, a vr1fast checkpoint's ``model/`` folder (LoRA adapters too) or
 the checkpoint folder itself; unset, the tiny random model (``model.tiny_seed``). It is loaded whole on every rank in
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -149,5 +150,10 @@ def run(cfg: Config) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m vr1fast.eval [ARGS]``: expected failures print one line naming the cause (``cli.run_main``)."""
+    """``python -m vr1fast.eval [ARGS]``: the ``videor1_eval`` preset unless ``--preset`` or ``--config`` is given
+    (``--preset=demo`` evaluates with the demo's frames, prompt and sampling); expected failures print one line
+    naming the cause (``cli.run_main``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.split("=")[0] in ("--preset", "--config") for a in argv):
+        argv = ["--preset=videor1_eval", *argv]
     cli.run_main(run, argv, "vr1fast.eval")
