@@ -1,11 +1,18 @@
 """Evaluation inside ``vr1fast.train``: the held-out numbers every ``eval.every`` steps and the final start-vs-last
 table (``eval.final``, on in the demo preset), on the tiny model and the synthetic sets."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from runs import small
 from vr1fast.metrics import read_jsonl
 from vr1fast.train import main
 
+REPO = Path(__file__).resolve().parents[2]
 KEYS = ("eval/accuracy", "eval/ordered_accuracy", "eval/shuffled_accuracy", "eval/gap")
 
 
@@ -32,3 +39,23 @@ def test_training_logs_held_out_numbers_and_ends_with_the_start_vs_last_table(sy
     assert (last["score"], last["ordered_accuracy"], last["shuffled_accuracy"]) == \
         (step2["eval/accuracy"], step2["eval/ordered_accuracy"], step2["eval/shuffled_accuracy"])
     assert len(read_jsonl(out / "eval" / "last" / "heldout.jsonl")) == 8
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp2_training_logs_held_out_numbers_equal_to_its_last_checkpoint_eval(synthetic, tmp_path):
+    """Under torchrun (gloo, FSDP2) the policy answers inside one weight gather per benchmark, each rank its batches;
+    rank 0 logs what the final eval of the saved checkpoint (2 ranks again) also finds."""
+    out = tmp_path / "run"
+    argv = small(synthetic, out, "--train.max_steps=2", "--dist.strategy=fsdp2", "--eval.every=2",
+                 "--eval.final=true", "--eval.heldout_size=8", "--eval.sampling=greedy", "--eval.max_new_tokens=4",
+                 "--eval.batch_size=3")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "vr1fast.train", *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    step2 = read_jsonl(out / "metrics.jsonl")[-1]
+    last = json.loads((out / "eval" / "last" / "heldout.summary.json").read_text())
+    assert last["scored"] == 8 and step2["eval/broken"] == 0
+    assert (last["score"], last["ordered_accuracy"], last["shuffled_accuracy"]) == \
+        (step2["eval/accuracy"], step2["eval/ordered_accuracy"], step2["eval/shuffled_accuracy"])
+    assert result.stdout.count("eval on heldout") == 1
