@@ -73,6 +73,11 @@ SAME_CONFIG = [  # (argv, the fields that differ from the preset it names), reco
       "--data.path=/data/Video-R1-260k.json", "--data.media_root=/data/Video-R1-data"],
      {**YAML_7B, "model.path": "/models/Qwen2.5-VL-7B-COT-SFT", "data.path": "/data/Video-R1-260k.json",
       "data.media_root": "/data/Video-R1-data"}),
+    (["--config", "configs/videor1_7b.yaml", "--model.path=$SFT/model", "--data.path=/data/Video-R1-260k.json",
+      "--data.media_root=/data/Video-R1-data", "--train.output_dir=runs/videor1_7b", "--train.max_steps=1200",
+      "--optim.scheduler=constant"],  # the README's pipeline, step 2 (added after cli.py)
+     {**YAML_7B, "model.path": "$SFT/model", "data.path": "/data/Video-R1-260k.json",
+      "data.media_root": "/data/Video-R1-data", "optim.scheduler": "constant", "train.max_steps": 1200}),
     # The one change: a string field takes text that is not YAML (the old parser refused the README's "...").
     (["--config", "configs/videor1_7b.yaml", "--model.path=...", "--data.path=...", "--data.media_root=..."],
      {**YAML_7B, "model.path": "...", "data.path": "...", "data.media_root": "..."}),
