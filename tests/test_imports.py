@@ -18,7 +18,7 @@ MODULES = ("vr1fast.train", "vr1fast.rl.rewards", "vr1fast.rl.advantages", "vr1f
            "vr1fast.model.forward", "vr1fast.model.load", "vr1fast.model.rope", "vr1fast.model.tokenizer",
            "vr1fast.model.shared", "vr1fast.model.vision", "vr1fast.model.lora", "vr1fast.eval.scoring",
            "vr1fast.kernels", "vr1fast.kernels.logprob", "vr1fast.kernels.grpo", "vr1fast.kernels.linear_logprob",
-           "vr1fast.rollout", "vr1fast.dist", "vr1fast.metrics", "vr1fast.warmstart")
+           "vr1fast.rollout", "vr1fast.dist", "vr1fast.metrics", "vr1fast.warmstart", "vr1fast.loop", "vr1fast.sft")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

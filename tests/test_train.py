@@ -23,7 +23,8 @@ from vr1fast.cli import parse as parse_args
 from vr1fast.config import OptimConfig
 from vr1fast.metrics import read_jsonl
 from vr1fast.optim import lr_factor
-from vr1fast.train import NonFiniteLossError, build, close, main, train
+from vr1fast.errors import NonFiniteLossError
+from vr1fast.train import build, close, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO_R1_NAMES = ("completion_length", "rewards/accuracy_reward", "rewards/format_reward", "reward", "reward_std",

@@ -50,14 +50,14 @@ from typing import Any, Optional
 import torch
 import transformers
 
-from vr1fast import ckpt, cli, dist, kernels, optim
+from vr1fast import ckpt, cli, dist, kernels, loop, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config, DataConfig, LossConfig
 from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
 from vr1fast.data.loader import next_prompts, synthetic_set
 from vr1fast.data.processor import build_prompt_batch
 from vr1fast.data.prompts import build_sft_messages
-from vr1fast.errors import ConfigError, NonFiniteLossError
+from vr1fast.errors import ConfigError
 from vr1fast.metrics import Metrics, StageTimer
 from vr1fast.model.load import build_models, resolve_attn, text_hidden_size
 from vr1fast.model.qwen import IMAGE_PAD, TEXT
@@ -195,18 +195,6 @@ def _micro_batches(run: Run, state: SFTState, timer: StageTimer) -> tuple[list, 
     return batches, skipped
 
 
-def _check_finite(run: Run, state: SFTState, values: dict[str, torch.Tensor]) -> None:
-    """One host sync (and one all-reduce with a process group): every rank stops if any value is NaN/inf."""
-    names = list(values)
-    finite = torch.stack([torch.isfinite(values[n]).all() for n in names]).tolist()
-    bad = not all(finite)
-    if dist.any_rank(bad) if _collective(run) else bad:
-        name = next((n for n, ok in zip(names, finite) if not ok), names[0])
-        raise NonFiniteLossError(f"non-finite {name} ({values[name].tolist()} on rank {run.info.rank}) at step "
-                                 f"{state.step + 1}: stopping before the update; last checkpoint: "
-                                 f"{run.last_checkpoint or 'none written yet'}")
-
-
 def sft_step(run: Run, state: SFTState, timed: bool = True) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches; returns the step's metrics (``loss``: the
     ``sft.loss_norm`` mean, ``labelled_tokens``, ``tokens`` (sequence tokens), ``grad_norm``, ``learning_rate``,
@@ -225,7 +213,8 @@ def sft_step(run: Run, state: SFTState, timed: bool = True) -> dict[str, float]:
     with timer("optimizer"):
         grad_norm = dist.clip_grad_norm(run.policy, cfg.optim.max_grad_norm)
         loss = torch.stack(losses).sum()
-        _check_finite(run, state, {"loss": loss} if grad_norm is None else {"loss": loss, "grad norm": grad_norm})
+        loop.check_finite(run, state, {"loss": loss} if grad_norm is None else {"loss": loss, "grad norm": grad_norm},
+                          collective=_collective(run))
         lr = run.policy.scheduler.get_last_lr()[0]
         engine_norm = dist.optimizer_step(run.policy)
     state.step += 1
@@ -245,31 +234,10 @@ def sft_step(run: Run, state: SFTState, timed: bool = True) -> dict[str, float]:
 # ---------------------------------------------------------------- the loop
 
 
-def save_checkpoint(run: Run, state: SFTState) -> Path:
-    root = ckpt.checkpoint_root(run.cfg.train.output_dir)
-    run.last_checkpoint = ckpt.save(
-        root, state.step, run.policy, info=run.info, processor=run.tokenizer, source_dir=run.cfg.model.path,
-        state={"data": dataclasses.asdict(state.position)}, config_text=to_yaml(run.cfg))
-    ckpt.prune(root, run.cfg.train.save_total_limit, protect=run.resumed_from, info=run.info)
-    return run.last_checkpoint
-
-
 def train(run: Run, state: SFTState) -> SFTState:
-    """Steps until ``run.total_steps``; checkpoints every ``train.save_every`` steps and at the end. On SIGTERM
-    (any rank) it saves at the next step boundary and returns early (``state.step < run.total_steps``)."""
-    cfg = run.cfg.train
-    with ckpt.StopSignal() as stop:
-        while state.step < run.total_steps:
-            logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == run.total_steps
-            metrics = sft_step(run, state, timed=logged)
-            if logged:
-                run.metrics.log(state.step, metrics)
-            stopping = stop.requested()
-            if stopping or state.step % cfg.save_every == 0 or state.step == run.total_steps:
-                save_checkpoint(run, state)
-            if stopping:
-                break
-    return state
+    """Steps until ``run.total_steps`` (``loop.run_steps``: checkpoints every ``train.save_every`` steps and at the
+    end, an early return after a SIGTERM save)."""
+    return loop.run_steps(run, state, sft_step)
 
 
 # ---------------------------------------------------------------- building
@@ -336,16 +304,7 @@ def run(cfg: Config) -> int:
                 f"{run.info.device.type}, {len(run.records)} records, labels {cfg.sft.labels}, steps "
                 f"{state.step + 1}..{run.total_steps}, output {cfg.train.output_dir}")
     train(run, state)
-    plot = close(run)
-    if state.step < run.total_steps:
-        if run.info.is_main:
-            print(f"vr1fast.sft: SIGTERM: stopped after step {state.step}, checkpoint {run.last_checkpoint}; "
-                  f"continue with --train.resume=auto", file=sys.stderr, flush=True)
-        return 143
-    if run.info.is_main:
-        print(f"done: {run.total_steps} SFT steps in {time.perf_counter() - started:.0f} s; metrics "
-              f"{run.metrics.jsonl_path}, plot {plot}, checkpoint {run.last_checkpoint}", flush=True)
-    return 0
+    return loop.finish(run, state, "vr1fast.sft", "SFT steps", started, close(run))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

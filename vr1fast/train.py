@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +33,13 @@ from typing import Any, Optional
 import torch
 import transformers
 
-from vr1fast import ckpt, cli, dist, optim
+from vr1fast import ckpt, cli, dist, loop, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config
 from vr1fast.data.dataset import Position, Records, Sampler
 from vr1fast.data.loader import check_prompt_lengths, next_prompts, run_records
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
-from vr1fast.errors import NonFiniteLossError
 from vr1fast.eval.benchmarks import Benchmark, configured_benchmarks
 from vr1fast.eval.heldout import compare_models, heldout_metrics
 from vr1fast.metrics import Metrics, StageTimer, sample_rows, step_metrics, to_host
@@ -142,17 +140,6 @@ def _logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
         return completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature)
 
 
-def _check_finite(run: Run, state: TrainState, values: dict[str, torch.Tensor]) -> None:
-    """One host sync and one all-reduce for the step: every rank stops if any value is NaN/inf on any rank."""
-    names = list(values)
-    finite = torch.stack([torch.isfinite(values[n]).all() for n in names]).tolist()
-    if dist.any_rank(not all(finite)):
-        name = next((n for n, ok in zip(names, finite) if not ok), names[0])
-        where = run.last_checkpoint or "none written yet"
-        raise NonFiniteLossError(f"non-finite {name} ({values[name].tolist()} on rank {run.info.rank}) at step "
-                                 f"{state.step + 1}: stopping before the update; last checkpoint: {where}")
-
-
 def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, last: bool,
                  logs: Optional[list]) -> tuple[dict, dict, "Update"]:
     """One micro-batch: prompts → rollout → rewards → reference (→ old policy) → policy loss and backward.
@@ -223,7 +210,7 @@ def _optimizer_step(run: Run, state: TrainState, timer: StageTimer, losses: list
     with timer("optimizer"):
         grad_norm = dist.clip_grad_norm(run.policy, run.cfg.optim.max_grad_norm)
         checks = {"loss": torch.stack(losses)}
-        _check_finite(run, state, checks if grad_norm is None else {**checks, "grad norm": grad_norm})
+        loop.check_finite(run, state, checks if grad_norm is None else {**checks, "grad norm": grad_norm})
         lr = run.policy.scheduler.get_last_lr()[0]
         engine_norm = dist.optimizer_step(run.policy)
     return (engine_norm if engine_norm is not None else grad_norm), lr
@@ -261,34 +248,17 @@ def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, flo
 # ---------------------------------------------------------------- the loop
 
 
-def save_checkpoint(run: Run, state: TrainState) -> Path:
-    root = ckpt.checkpoint_root(run.cfg.train.output_dir)
-    run.last_checkpoint = ckpt.save(
-        root, state.step, run.policy, info=run.info, processor=run.tokenizer, source_dir=run.cfg.model.path,
-        state={"data": dataclasses.asdict(state.position)}, config_text=to_yaml(run.cfg))
-    ckpt.prune(root, run.cfg.train.save_total_limit, protect=run.resumed_from, info=run.info)
-    return run.last_checkpoint
+def _heldout(run: Run, state: TrainState) -> Optional[dict[str, float]]:
+    """Every ``eval.every`` steps: the policy's held-out accuracy, shuffled accuracy and gap (``eval.heldout``)."""
+    if run.heldout is None or state.step % run.cfg.eval.every:
+        return None
+    return heldout_metrics(run.policy, run.tokenizer, run.heldout, run.cfg, run.info)
 
 
 def train(run: Run, state: TrainState) -> TrainState:
-    """Steps until ``run.total_steps``; checkpoints every ``train.save_every`` steps and at the end. On SIGTERM
-    (any rank) it saves at the next step boundary and returns early (``state.step < run.total_steps``)."""
-    cfg = run.cfg.train
-    with ckpt.StopSignal() as stop:
-        while state.step < run.total_steps:
-            logged = (state.step + 1) % cfg.log_every == 0 or state.step + 1 == run.total_steps
-            metrics = train_step(run, state, timed=logged)
-            evaluated = run.heldout is not None and state.step % run.cfg.eval.every == 0
-            if evaluated:
-                metrics.update(heldout_metrics(run.policy, run.tokenizer, run.heldout, run.cfg, run.info))
-            if logged or evaluated:
-                run.metrics.log(state.step, metrics)
-            stopping = stop.requested()
-            if stopping or state.step % cfg.save_every == 0 or state.step == run.total_steps:
-                save_checkpoint(run, state)
-            if stopping:
-                break
-    return state
+    """Steps until ``run.total_steps`` (``loop.run_steps``: checkpoints every ``train.save_every`` steps and at the
+    end, an early return after a SIGTERM save), the held-out eval every ``eval.every`` steps."""
+    return loop.run_steps(run, state, train_step, _heldout)
 
 
 # ---------------------------------------------------------------- building
@@ -364,18 +334,10 @@ def run(cfg: Config) -> int:
     final = cfg.eval.final and state.step == run.total_steps  # the start model and the last checkpoint compared
     table = compare_models(cfg, {"start": run.start_model, "last": run.last_checkpoint}, run.info,
                            Path(cfg.train.output_dir, "eval")) if final else ""
-    plot = close(run)
-    if state.step < run.total_steps:
-        if run.info.is_main:
-            print(f"vr1fast.train: SIGTERM: stopped after step {state.step}, checkpoint {run.last_checkpoint}; "
-                  f"continue with --train.resume=auto", file=sys.stderr, flush=True)
-        return 143
-    if run.info.is_main:
-        print(f"done: {run.total_steps} steps in {time.perf_counter() - started:.0f} s; metrics "
-              f"{run.metrics.jsonl_path}, plot {plot}, checkpoint {run.last_checkpoint}", flush=True)
-        if table:
-            print(table, flush=True)
-    return 0
+    code = loop.finish(run, state, "vr1fast.train", "steps", started, close(run))
+    if table and run.info.is_main:
+        print(table, flush=True)
+    return code
 
 
 def main(argv: Optional[list[str]] = None) -> None:
