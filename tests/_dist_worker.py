@@ -80,7 +80,7 @@ def _gathers_per_generate(run, state) -> dict[int, int]:
     return counts
 
 
-def _full_weights(policy) -> dict[str, torch.Tensor]:
+def full_weights(policy) -> dict[str, torch.Tensor]:
     named = list(policy.runner.named_parameters())
     if policy.zero_stage == 3:
         import deepspeed
@@ -106,7 +106,7 @@ def _built_on_meta(cfg) -> bool:
 
 def _starts_from(run, initial: dict[str, torch.Tensor]) -> bool:
     """The wrapped policy holds, bit for bit, the model each rank would build itself (today's loading)."""
-    held = {_hf_name(n): t.cpu() for n, t in _full_weights(run.policy).items()}
+    held = {_hf_name(n): t.cpu() for n, t in full_weights(run.policy).items()}
     return all(torch.equal(t, initial[k].to(t.dtype)) for k, t in held.items())
 
 
@@ -124,7 +124,7 @@ def main() -> None:
     starts = _starts_from(run, initial)
     train(run, state)
     gathers = _gathers_per_generate(run, state)
-    held = {_hf_name(n): t.cpu() for n, t in _full_weights(run.policy).items()}
+    held = {_hf_name(n): t.cpu() for n, t in full_weights(run.policy).items()}
     weights = {k: t.float() for k, t in held.items()}
     digest = hashlib.sha256()
     for name in sorted(weights):

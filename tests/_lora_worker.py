@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as tdist
 
+from _dist_worker import full_weights
 from vr1fast.cli import parse as parse_args
 from vr1fast.model.load import build_models, tiny_model
 from vr1fast.train import build, close, train
@@ -35,15 +36,6 @@ def perturbed_models(cfg):
     return policy, ref, tokenizer
 
 
-def _full_weights(policy) -> dict[str, torch.Tensor]:
-    named = list(policy.runner.named_parameters())
-    if policy.zero_stage == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            return {n: p.detach().clone() for n, p in named}
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in named}
-
-
 def _peft_key(name: str) -> str:
     """Runner parameter name → the key peft saves (``base_model.model.<hf key without the adapter name>``)."""
     return "base_model.model." + name.removeprefix("module.").removeprefix("model.").replace(".default.", ".")
@@ -54,7 +46,7 @@ def _report(run, initial: dict[str, torch.Tensor], base: torch.Tensor, start: di
     with torch.no_grad():
         ref = run.ref.runner(lambda model, ids: model(input_ids=ids).logits, IDS)
     weights = {n.removeprefix("module.").removeprefix("model."): t.float() for n, t in
-               _full_weights(run.policy).items()}
+               full_weights(run.policy).items()}
     adapters = {k: v for k, v in weights.items() if ".lora_" in k}
     digest = hashlib.sha256()
     for name in sorted(adapters):

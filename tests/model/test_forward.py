@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from media import prompt_inputs
-from vr1fast.data.dataset import load_records
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.kernels.reference import selective_log_softmax
 from vr1fast.model.forward import (completion_hidden, completion_logprobs_reference, completion_rows,
                                    expand_prompts, offsets_of, prompt_positions, repeated_hidden,
@@ -25,17 +23,6 @@ G, L = 3, 9
 def model_tok():
     model, tok = tiny_model(0, init_std=0.1)
     return model.eval(), tok
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    return load_records(generate_synthetic(tmp_path_factory.mktemp("syn"), n=8, seed=0).rl_json)
-
-
-@pytest.fixture(scope="module")
-def mixed(model_tok, samples):
-    """Three prompts of different lengths: an 8-frame video, an image, a 4-frame video."""
-    return prompt_inputs(model_tok[1], [(samples[0], 8), (samples[6], 0), (samples[3], 4)])
 
 
 def completions(batch, pad, seed=0, vocab=TEXT_VOCAB_SIZE):

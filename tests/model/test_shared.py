@@ -13,10 +13,7 @@ import copy
 import pytest
 import torch
 
-from media import prompt_inputs
 from vr1fast.config import LossConfig
-from vr1fast.data.dataset import load_records
-from vr1fast.data.synthetic import generate_synthetic
 from vr1fast.model.forward import completion_rows, offsets_of
 from vr1fast.model.load import set_checkpointing, tiny_model
 from vr1fast.model.shared import PromptOnceMask, _mask_mod, allowed, shared_layout
@@ -31,17 +28,6 @@ LOSS = LossConfig(impl="reference")
 def model_tok():
     model, tok = tiny_model(0, init_std=0.1)
     return model.train(), tok
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory):
-    return load_records(generate_synthetic(tmp_path_factory.mktemp("syn"), n=8, seed=0).rl_json)
-
-
-@pytest.fixture(scope="module")
-def mixed(model_tok, samples):
-    """Three prompts of different lengths: an 8-frame video, an image, a 4-frame video."""
-    return prompt_inputs(model_tok[1], [(samples[0], 8), (samples[6], 0), (samples[3], 4)])
 
 
 def draw(batch, G, seed):
