@@ -229,3 +229,13 @@ def test_two_process_torchrun_eval_equals_the_one_process_eval(synthetic, tmp_pa
     assert read_jsonl(tmp_path / "two" / "heldout.jsonl") == read_jsonl(tmp_path / "one" / "heldout.jsonl")
     assert summary(tmp_path / "two", "heldout") == summary(tmp_path / "one", "heldout")
     assert sum(line.startswith("heldout ") for line in two.stdout.splitlines()) == 1  # one table, from rank 0
+
+
+def test_demo_preset_evaluates_a_model_folder(synthetic, tmp_path):
+    """The README's ``python -m vr1fast.eval --preset=demo --model.path=CKPT``: the demo preset's warm start (a
+    training setting that refuses a model.path) is off in eval, so a saved model evaluates."""
+    from vr1fast.model.load import save_tiny
+
+    out = tmp_path / "out"
+    main(eval_args(out, f"--model.path={save_tiny(tmp_path / 'tiny')}", f"--eval.benchmarks=[{synthetic / 'rl.json'}]"))
+    assert summary(out, "rl")["scored"] == 8
