@@ -54,6 +54,8 @@ class DataConfig:
     eval_mode: bool = False               # eval prompt variant
     frame_cache: Optional[str] = None     # directory caching sampled, resized frames (vr1fast.data.frame_cache)
     frame_cache_gb: float = 100.0         # its size cap: least recently used entries are deleted past it
+    prefetch_workers: int = 0             # threads decoding the next micro-batches' media during the step; 0 = off
+    prefetch_depth: int = 2               # micro-batches decoded ahead of the one being consumed
 
 
 @dataclass
@@ -352,6 +354,8 @@ def validate(cfg: Config) -> None:
         (cfg.video.min_pixels <= cfg.video.max_pixels, "video.min_pixels must be <= video.max_pixels"),
         (cfg.video.fps > 0, "video.fps must be > 0"),
         (0 < cfg.data.frame_cache_gb < float("inf"), "data.frame_cache_gb must be a positive, finite size in GB"),
+        (cfg.data.prefetch_workers >= 0, "data.prefetch_workers must be >= 0 (0 = off)"),
+        (cfg.data.prefetch_depth >= 1, "data.prefetch_depth must be >= 1"),
         (cfg.loss.beta >= 0, "loss.beta must be >= 0"),
         (cfg.loss.num_iterations >= 1, "loss.num_iterations must be >= 1"),
         (not (cfg.model.share_prompt and cfg.model.attn_implementation == "eager"),

@@ -54,7 +54,8 @@ from vr1fast import ckpt, cli, dist, kernels, loop, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config, DataConfig, LossConfig
 from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
-from vr1fast.data.loader import next_prompts, synthetic_set
+from vr1fast.data.loader import synthetic_set
+from vr1fast.data.prefetch import PromptStream
 from vr1fast.data.processor import build_prompt_batch
 from vr1fast.data.prompts import build_sft_messages
 from vr1fast.errors import ConfigError
@@ -89,6 +90,7 @@ class Run:
     policy: dist.Wrapped
     records: Records
     sampler: Sampler
+    prompts: PromptStream                            # the sampler's examples and media (data.prefetch_* workers)
     metrics: Metrics
     total_steps: int
     last_checkpoint: Optional[Path] = None
@@ -185,9 +187,8 @@ def _micro_batches(run: Run, state: SFTState, timer: StageTimer) -> tuple[list, 
     cfg, batches, skipped = run.cfg, [], 0
     for micro in range(cfg.train.grad_accum):
         with timer("data"):
-            samples, media, bad, state.position = next_prompts(
-                run.records, run.sampler, state.position, cfg, rank=run.info.rank, world_size=run.info.world_size,
-                seed=dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro))
+            samples, media, bad, state.position = run.prompts.next_prompts(
+                state.position, dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro))
         with timer("processor"):
             batches.append(sft_batch(run.tokenizer, samples, media, labels=cfg.sft.labels,
                                      second_per_grid_ts=cfg.data.second_per_grid_ts))
@@ -236,8 +237,9 @@ def sft_step(run: Run, state: SFTState, timed: bool = True) -> dict[str, float]:
 
 def train(run: Run, state: SFTState) -> SFTState:
     """Steps until ``run.total_steps`` (``loop.run_steps``: checkpoints every ``train.save_every`` steps and at the
-    end, an early return after a SIGTERM save)."""
-    return loop.run_steps(run, state, sft_step)
+    end, an early return after a SIGTERM save); the prefetching workers stop on return and on an exception."""
+    with run.prompts:
+        return loop.run_steps(run, state, sft_step)
 
 
 # ---------------------------------------------------------------- building
@@ -283,7 +285,8 @@ def build(cfg: Config, *, local: bool = False) -> tuple[Run, SFTState]:
         dist.print0(f"vr1fast.sft: {resolved['precision']}; attention {resolved['attention']}")
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
     sampler = Sampler(len(records), cfg.train.seed, cfg.data.shuffle)
-    return Run(cfg, info, tokenizer, policy, records, sampler, metrics, total, resume, resume), state
+    prompts = PromptStream(records, sampler, cfg, rank=info.rank, world_size=info.world_size)
+    return Run(cfg, info, tokenizer, policy, records, sampler, prompts, metrics, total, resume, resume), state
 
 
 def close(run: Run) -> Optional[Path]:

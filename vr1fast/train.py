@@ -37,7 +37,8 @@ from vr1fast import ckpt, cli, dist, loop, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config
 from vr1fast.data.dataset import Position, Records, Sampler
-from vr1fast.data.loader import check_prompt_lengths, next_prompts, run_records
+from vr1fast.data.loader import check_prompt_lengths, run_records
+from vr1fast.data.prefetch import PromptStream
 from vr1fast.data.prompts import build_messages
 from vr1fast.data.shuffle import build_shuffle_pair
 from vr1fast.eval.benchmarks import Benchmark, configured_benchmarks
@@ -69,6 +70,7 @@ class Run:
     ref: Optional[dist.Wrapped]
     records: Records
     sampler: Sampler
+    prompts: PromptStream                            # the sampler's prompts and media (data.prefetch_* workers)
     metrics: Metrics
     total_steps: int
     last_checkpoint: Optional[Path] = None
@@ -148,9 +150,7 @@ def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, las
     cfg, device, G = run.cfg, run.info.device, run.cfg.rollout.num_generations
     seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
     with timer("data"):
-        samples, media, skipped, state.position = next_prompts(
-            run.records, run.sampler, state.position, cfg, rank=run.info.rank, world_size=run.info.world_size,
-            seed=seed)
+        samples, media, skipped, state.position = run.prompts.next_prompts(state.position, seed)
     with timer("processor"):
         messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
         pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
@@ -257,8 +257,10 @@ def _heldout(run: Run, state: TrainState) -> Optional[dict[str, float]]:
 
 def train(run: Run, state: TrainState) -> TrainState:
     """Steps until ``run.total_steps`` (``loop.run_steps``: checkpoints every ``train.save_every`` steps and at the
-    end, an early return after a SIGTERM save), the held-out eval every ``eval.every`` steps."""
-    return loop.run_steps(run, state, train_step, _heldout)
+    end, an early return after a SIGTERM save), the held-out eval every ``eval.every`` steps; the prefetching
+    workers stop on return and on an exception."""
+    with run.prompts:
+        return loop.run_steps(run, state, train_step, _heldout)
 
 
 # ---------------------------------------------------------------- building
@@ -310,8 +312,10 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
                       enabled=info.is_main, run_config={**cfg.to_dict(), "resolved": resolved})
     if info.is_main:
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
-    run = Run(cfg, info, tokenizer, policy, ref, records, Sampler(len(records), cfg.train.seed, cfg.data.shuffle),
-              metrics, total, resume, resume, start, configured_benchmarks(cfg, dist.once) if cfg.eval.every else None)
+    sampler = Sampler(len(records), cfg.train.seed, cfg.data.shuffle)
+    prompts = PromptStream(records, sampler, cfg, rank=info.rank, world_size=info.world_size)
+    run = Run(cfg, info, tokenizer, policy, ref, records, sampler, prompts, metrics, total, resume, resume, start,
+              configured_benchmarks(cfg, dist.once) if cfg.eval.every else None)
     return run, state
 
 

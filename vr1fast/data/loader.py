@@ -7,7 +7,7 @@ this rank's next prompts from the global stream position and returns the positio
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,18 +38,28 @@ def next_prompts(records: Records, sampler: Sampler, position: Position, cfg: Co
                  world_size: int, seed: int) -> tuple[list[Sample], list[torch.Tensor], int, Position]:
     """This rank's ``train.prompts_per_rank`` samples and decoded media from ``position`` of the global stream,
     the number of broken media files skipped, and the stream position after this step's prompts (all ranks').
-
-    Videos go through the on-disk frame cache when ``data.frame_cache`` is set. With ``data.skip_bad`` a broken
-    file is replaced by a draw seeded by ``seed`` (the stream position is global,
-    so the ranks stay in step) and counted; without it the ``MediaError`` names the file."""
+    Decoding as :func:`load_samples`; ``vr1fast.data.prefetch.PromptStream`` gives the same from worker threads."""
     indices, after = sampler.take(position, cfg.train.prompts_per_rank, rank, world_size)
+    return (*load_samples(records, indices, cfg, seed), after)
+
+
+def load_samples(records: Records, indices: list[int], cfg: Config, seed: int,
+                 primary: Optional[list[Callable[[], torch.Tensor]]] = None
+                 ) -> tuple[list[Sample], list[torch.Tensor], int]:
+    """The samples of ``indices`` with their decoded media and the number of broken media files skipped.
+
+    ``primary[k]()`` gives index k's media (a prefetched decode; default: decoded here). Videos go through the
+    on-disk frame cache when ``data.frame_cache`` is set. With ``data.skip_bad`` a broken file is replaced by a
+    draw seeded by ``seed`` (the stream position is global, so the ranks stay in step), decoded here, and counted;
+    without it the ``MediaError`` names the file."""
     draw, samples, media, skipped = random.Random(seed), [], [], 0
     cache = frame_cache(cfg.data)  # None unless data.frame_cache is set
-    for index in indices:
-        for _ in range(MEDIA_RETRIES):
+    for k, index in enumerate(indices):
+        for attempt in range(MEDIA_RETRIES):
             sample = records[index]
             try:
-                media.append(load_media(sample.path, sample.data_type, cfg.video, cache))
+                media.append(primary[k]() if primary and attempt == 0 else
+                             load_media(sample.path, sample.data_type, cfg.video, cache))
                 samples.append(sample)
                 break
             except MediaError:
@@ -58,7 +68,7 @@ def next_prompts(records: Records, sampler: Sampler, position: Position, cfg: Co
                 skipped, index = skipped + 1, draw.randrange(len(records))
         else:
             raise MediaError(sample.path, f"and {MEDIA_RETRIES - 1} replacement draws could not be decoded")
-    return samples, media, skipped, after
+    return samples, media, skipped
 
 
 def check_prompt_lengths(lengths: list[int], samples: list[Sample], limit: int) -> None:
