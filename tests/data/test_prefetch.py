@@ -135,3 +135,16 @@ def test_a_failing_run_stops_its_workers(synthetic, tmp_path, capsys):
                    "--data.prefetch_workers=2", "--metrics.tensorboard=false", "--metrics.plot=false"))
     assert e.value.code == 1 and "truncated.mp4" in capsys.readouterr().err
     assert not [t for t in threading.enumerate() if t.name.startswith("vr1fast-prefetch")]
+
+
+def test_a_worker_runs_torch_in_an_openmp_team_of_one():
+    """Default-size teams in the workers slowed the demo's rollout ~2x on 2 cores (vr1fast.data.prefetch); the main
+    thread keeps its thread count (and with it the float summation order)."""
+    from vr1fast.data.prefetch import _one_openmp_thread, _openmp_runtime
+
+    runtime, before, seen = _openmp_runtime(), torch.get_num_threads(), []
+    assert runtime is not None  # torch's libgomp on Linux wheels
+    worker = threading.Thread(target=lambda: (_one_openmp_thread(), seen.append(runtime.omp_get_max_threads())))
+    worker.start()
+    worker.join()
+    assert seen == [1] and torch.get_num_threads() == before and runtime.omp_get_max_threads() == before
