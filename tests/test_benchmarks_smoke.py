@@ -247,3 +247,27 @@ def test_bench_patchify_refuses_without_gpu(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "bench_patchify.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_bench_video_cpu_smoke(tmp_path):
+    """bench_video.py: every way to pixel_values timed on generated H.264 clips (videos/s, frames/s in the note), the
+    decord row a note where it is absent, and the demo's data + processor and step times of a synchronous and a
+    prefetching run with their ratios (the data + processor one judged against 0.10)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_video.py"), "--cpu-smoke", "--out", str(tmp_path),
+                           "--clip-dir", str(tmp_path / "clips")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "video.csv").open() as f:
+        assert next(csv.reader(f)) == _harness.FIELDS
+    by = {(r["case"], r["impl"]): r for r in csv.DictReader((tmp_path / "video.csv").open())}
+    for impl in ("sync", "prefetch_w2", "cache_fill", "cache_hit"):
+        r = by[("to_pixels", impl)]
+        assert 0 < float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"]) and r["unit"] == "videos/s", r
+        assert float(r["rate"]) == pytest.approx(2 / float(r["ms_p50"]) * 1e3, rel=1e-3) and " frames/s" in r["note"]
+        assert r["gpu"] == "cpu (smoke)" and r["commit"], r
+    assert by[("to_pixels", "decord_hf")]["ms_p50"] == "" and by[("to_pixels", "decord_hf")]["note"]
+    for arm in ("sync", "prefetch_w2"):
+        for what in ("data_processor", "step"):
+            assert float(by[("demo_step", f"{arm}_{what}")]["rate"]) >= 0
+    ratio = by[("demo_step", "prefetch/sync_data_processor")]
+    assert float(ratio["rate"]) >= 0 and ratio["note"].split(": ")[-1] in ("PASS", "FAIL")
+    assert float(by[("demo_step", "prefetch/sync_step")]["rate"]) > 0
