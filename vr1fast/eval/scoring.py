@@ -54,7 +54,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from vr1fast.rl.rewards import MissingPackageError, accuracy_reward, extract_answer
+from vr1fast.rl.rewards import MissingPackageError, accuracy_reward, extract_answer, to_number
 
 MRA_EPSILON = 1e-8
 MRA_START, MRA_END, MRA_STEP = 0.5, 0.95, 0.05
@@ -87,16 +87,8 @@ def mean_relative_accuracy(prediction: float, target: float) -> float:
     return (rel_error < 1 - thresholds).float().mean().item()
 
 
-def _number(text: str) -> Optional[float]:
-    """``float`` of ``text`` with commas removed, or None (Video-R1's ``normalize_number``)."""
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
-
-
 def _regression(answer: str, solution: str) -> float:
-    out_number, gt_number = _number(answer), _number(extract_answer(solution))
+    out_number, gt_number = to_number(answer), to_number(extract_answer(solution))
     if out_number is None or gt_number is None:
         return 0.0
     return mean_relative_accuracy(out_number, gt_number)

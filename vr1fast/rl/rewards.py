@@ -47,7 +47,7 @@ def format_reward(completion: str) -> float:
     return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
 
 
-def _to_number(text: str) -> Optional[float]:
+def to_number(text: str) -> Optional[float]:
     """``float`` of ``text`` with commas removed, or None (Video-R1's ``normalize_number``)."""
     try:
         return float(text.replace(",", ""))
@@ -97,7 +97,7 @@ def _numerical(out: str, gt: str) -> float:
     out_decimal = "." in out or "," in out
     if gt_decimal != out_decimal:
         return 0.0
-    gt_number, out_number = _to_number(gt), _to_number(out)
+    gt_number, out_number = to_number(gt), to_number(out)
     if gt_number is None or out_number is None:
         return 0.0
     return 1.0 if round(gt_number, 2) == round(out_number, 2) else 0.0
@@ -114,7 +114,7 @@ def _free_form(out: str, gt: str) -> float:
 
 
 def _regression(out: str, gt: str) -> float:
-    gt_number, out_number = _to_number(gt), _to_number(out)
+    gt_number, out_number = to_number(gt), to_number(out)
     if gt_number is None or out_number is None:
         raise ValueError(f"regression answer {out!r} or ground truth {gt!r} is not a number")
     rel_diff = (abs(out_number - gt_number) + 1e-9) / (abs(gt_number) + 1e-9)
