@@ -55,3 +55,17 @@ def loss_run(fn, batch, dtype, **cfg):
     loss, _ = fn(h, w, index, mask, adv, ref, old, **cfg)
     loss.backward()
     return [loss.detach().double(), h.grad.double(), w.grad.double()]
+
+
+def mixed_prompts(tok, shapes) -> dict[str, torch.Tensor]:
+    """CUDA model inputs of three prompts of seeded random frames (the GPU image has no PyAV): a video, an image,
+    a video, of the frame ``shapes`` given ([T, H, W, 3], [H, W, 3], [T, H, W, 3])."""
+    from vr1fast.data.processor import build_prompt_batch
+
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g) for shape in shapes]
+    questions = (("Which way does the square move?", "video"), ("What colour is it?", "image"),
+                 ("Count the flashes.", "video"))
+    messages = [[{"role": "user", "content": [{"type": kind}, {"type": "text", "text": q}]}] for q, kind in questions]
+    inputs = build_prompt_batch(tok, messages, frames).model_inputs()
+    return {k: v.cuda() for k, v in inputs.items()}

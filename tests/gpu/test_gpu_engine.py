@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vr1fast.data.processor import build_prompt_batch
+from gpu_util import mixed_prompts
 from vr1fast.model.load import tiny_model
 from vr1fast.rollout import generate
 from vr1fast.rollout import graphs as graphs_module
@@ -23,20 +23,10 @@ pytestmark = pytest.mark.gpu
 MAX_NEW, PAGE = 24, 4
 
 
-def conversation(question: str, kind: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
-
-
 @pytest.fixture(scope="module")
 def model_inputs():
     model, tok = tiny_model(0, init_std=0.1)
-    g = torch.Generator().manual_seed(0)
-    frames = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-              for shape in ((2, 56, 56, 3), (56, 84, 3), (4, 84, 56, 3))]
-    messages = [conversation("Which way does the square move?", "video"), conversation("What colour is it?", "image"),
-                conversation("Count the flashes.", "video")]
-    inputs = build_prompt_batch(tok, messages, frames).model_inputs()
-    return model.cuda().eval(), {k: v.cuda() for k, v in inputs.items()}
+    return model.cuda().eval(), mixed_prompts(tok, ((2, 56, 56, 3), (56, 84, 3), (4, 84, 56, 3)))
 
 
 def test_graphs_eager_and_cascade_off_equal_hf(model_inputs, monkeypatch):

@@ -24,8 +24,8 @@ import copy
 import pytest
 import torch
 
+from gpu_util import mixed_prompts
 from vr1fast.config import LossConfig
-from vr1fast.data.processor import build_prompt_batch
 from vr1fast.model.forward import CompletionRows, completion_rows, offsets_of, prompt_embeds, prompt_positions
 from vr1fast.model.load import tiny_model
 from vr1fast.model.shared import shared_hidden
@@ -35,10 +35,6 @@ from vr1fast.rl.loss import policy_loss
 pytestmark = pytest.mark.gpu
 G, L = 4, 11
 LOSS = LossConfig()  # Triton head on CUDA, as training runs it; the same on every side of a comparison
-
-
-def conversation(question: str, kind: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
 
 
 @pytest.fixture(autouse=True)
@@ -53,13 +49,7 @@ def no_tf32():
 def mixed():
     """(tokenizer, CUDA model inputs of three prompts: an 8-frame video, an image, a 4-frame video)."""
     _, tok = tiny_model(0)
-    g = torch.Generator().manual_seed(0)
-    frames = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-              for shape in ((8, 84, 112, 3), (84, 112, 3), (4, 112, 84, 3))]
-    messages = [conversation("Which way does the square move?", "video"), conversation("What colour is it?", "image"),
-                conversation("Count the flashes.", "video")]
-    inputs = build_prompt_batch(tok, messages, frames).model_inputs()
-    return tok, {k: v.cuda() for k, v in inputs.items()}
+    return tok, mixed_prompts(tok, ((8, 84, 112, 3), (84, 112, 3), (4, 112, 84, 3)))
 
 
 def draw(batch, seed: int = 0):
