@@ -1,7 +1,7 @@
 """The step loop the two trainers share (T-GRPO's ``vr1fast.train``, SFT's ``vr1fast.sft``).
 
 A ``run`` here is either trainer's ``Run`` (``cfg``, ``info``, ``policy``, ``tokenizer``, ``metrics``,
-``total_steps``, ``last_checkpoint``, ``resumed_from``) and a ``state`` its state (``step``, ``position``): the
+``total_steps``, ``last_checkpoint``, ``resumed_from``) and a ``state`` a :class:`State` (``step``, ``position``): the
 checkpoint cadence (every ``train.save_every`` steps and at the end), SIGTERM (save at the next step boundary,
 return early), the finite check before an update, and the run's last lines are written once, here.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,7 +18,25 @@ import torch
 
 from vr1fast import ckpt, dist
 from vr1fast.cli import to_yaml
+from vr1fast.data.dataset import Position
 from vr1fast.errors import NonFiniteLossError
+
+
+@dataclass
+class State:
+    """What a trainer's checkpoint restores besides the weights and the optimizer."""
+
+    step: int = 0                                    # optimizer steps done
+    position: Position = field(default_factory=Position)  # of the global sample stream
+
+
+def restore(resume: Optional[Path], policy: dist.Wrapped, info: dist.DistInfo) -> State:
+    """``ckpt.load`` of checkpoint ``resume`` into ``policy`` (weights, optimizer, schedule, RNG) and its
+    :class:`State`; a fresh State when ``resume`` is None."""
+    if resume is None:
+        return State()
+    saved = ckpt.load(resume, policy, info=info)
+    return State(saved["step"], Position(**saved["data"]))
 
 
 def save_checkpoint(run: Any, state: Any) -> Path:

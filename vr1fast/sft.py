@@ -43,7 +43,7 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,7 +53,7 @@ import transformers
 from vr1fast import ckpt, cli, dist, kernels, loop, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config, DataConfig, LossConfig
-from vr1fast.data.dataset import Position, Records, Sample, Sampler, load_records
+from vr1fast.data.dataset import Records, Sample, Sampler, load_records
 from vr1fast.data.loader import synthetic_set
 from vr1fast.data.prefetch import PromptStream
 from vr1fast.data.processor import build_prompt_batch
@@ -72,12 +72,6 @@ PLOT_PANELS = (  # metrics.png of an SFT run
     ("gradient norm (before clipping)", ("grad_norm",)),
     ("labelled tokens per step", ("labelled_tokens",)),
 )
-
-
-@dataclass
-class SFTState:
-    step: int = 0                                    # optimizer steps done
-    position: Position = field(default_factory=Position)  # of the global example stream
 
 
 @dataclass
@@ -181,7 +175,7 @@ def _collective(run: Run) -> bool:
     return run.info.backend is not None
 
 
-def _micro_batches(run: Run, state: SFTState, timer: StageTimer) -> tuple[list, int]:
+def _micro_batches(run: Run, state: loop.State, timer: StageTimer) -> tuple[list, int]:
     """The step's ``train.grad_accum`` collated micro-batches of ``train.prompts_per_rank`` examples each, and
     the broken media files skipped (``data.skip_bad``); advances ``state.position``."""
     cfg, batches, skipped = run.cfg, [], 0
@@ -196,7 +190,7 @@ def _micro_batches(run: Run, state: SFTState, timer: StageTimer) -> tuple[list, 
     return batches, skipped
 
 
-def sft_step(run: Run, state: SFTState, timed: bool = True) -> dict[str, float]:
+def sft_step(run: Run, state: loop.State, timed: bool = True) -> dict[str, float]:
     """One optimizer step over ``train.grad_accum`` micro-batches; returns the step's metrics (``loss``: the
     ``sft.loss_norm`` mean, ``labelled_tokens``, ``tokens`` (sequence tokens), ``grad_norm``, ``learning_rate``,
     ``skipped_media``; ``time/*`` and ``tokens_per_s`` on timed steps), averaged over ranks (counts summed)."""
@@ -235,7 +229,7 @@ def sft_step(run: Run, state: SFTState, timed: bool = True) -> dict[str, float]:
 # ---------------------------------------------------------------- the loop
 
 
-def train(run: Run, state: SFTState) -> SFTState:
+def train(run: Run, state: loop.State) -> loop.State:
     """Steps until ``run.total_steps`` (``loop.run_steps``: checkpoints every ``train.save_every`` steps and at the
     end, an early return after a SIGTERM save); the prefetching workers stop on return and on an exception."""
     with run.prompts:
@@ -251,7 +245,7 @@ def _info(cfg: Config, local: bool) -> dist.DistInfo:
     return dist.DistInfo(0, 1, 0, torch.device("cpu"), None, "none") if local else dist.init(cfg.dist)
 
 
-def build(cfg: Config, *, local: bool = False) -> tuple[Run, SFTState]:
+def build(cfg: Config, *, local: bool = False) -> tuple[Run, loop.State]:
     """Process group, records, the policy (``model.load.build_models`` with β = 0: no reference), wrapping,
     optimizer and schedule (``optim``), resume and metrics for ``cfg``. ``local``: one process, no collective, no
     resume and no metric sinks (:func:`vr1fast.warmstart.configured_warm_start`)."""
@@ -273,10 +267,7 @@ def build(cfg: Config, *, local: bool = False) -> tuple[Run, SFTState]:
     policy = dist.wrap_policy(model, info, cfg.dist, precision=precision, plan=plan,
                               make_optimizer=optim.optimizer_factory(cfg.optim),
                               make_scheduler=optim.scheduler_factory(cfg.optim, total))
-    state = SFTState()
-    if resume:
-        saved = ckpt.load(resume, policy, info=info)
-        state = SFTState(saved["step"], Position(**saved["data"]))
+    state = loop.restore(resume, policy, info)
     resolved = {"precision": precision.describe(), "attention": model.config._attn_implementation}
     metrics = Metrics(cfg.metrics, cfg.train.output_dir, total_steps=total, start_step=state.step,
                       enabled=info.is_main and not local, run_config={**cfg.to_dict(), "resolved": resolved},

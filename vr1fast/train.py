@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,7 +36,7 @@ import transformers
 from vr1fast import ckpt, cli, dist, loop, optim
 from vr1fast.cli import to_yaml
 from vr1fast.config import Config
-from vr1fast.data.dataset import Position, Records, Sampler
+from vr1fast.data.dataset import Records, Sampler
 from vr1fast.data.loader import check_prompt_lengths, run_records
 from vr1fast.data.prefetch import PromptStream
 from vr1fast.data.prompts import build_messages
@@ -51,12 +51,6 @@ from vr1fast.rl.advantages import score_batch
 from vr1fast.rl.loss import completion_logprobs, policy_loss
 from vr1fast.rollout import rollout
 from vr1fast.warmstart import configured_warm_start
-
-
-@dataclass
-class TrainState:
-    step: int = 0                                    # optimizer steps done
-    position: Position = field(default_factory=Position)  # of the global sample stream
 
 
 @dataclass
@@ -142,7 +136,7 @@ def _logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
         return completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature)
 
 
-def _micro_batch(run: Run, state: TrainState, micro: int, timer: StageTimer, last: bool,
+def _micro_batch(run: Run, state: loop.State, micro: int, timer: StageTimer, last: bool,
                  logs: Optional[list]) -> tuple[dict, dict, "Update"]:
     """One micro-batch: prompts → rollout → rewards → reference (→ old policy) → policy loss and backward.
     Returns its host and device metric rows and its :class:`Update`; appends its ``samples.jsonl`` rows to
@@ -205,7 +199,7 @@ def _update(run: Run, update: Update, timer: StageTimer, last: bool, sampled_lp:
     return loss, metrics
 
 
-def _optimizer_step(run: Run, state: TrainState, timer: StageTimer, losses: list[torch.Tensor]):
+def _optimizer_step(run: Run, state: loop.State, timer: StageTimer, losses: list[torch.Tensor]):
     """Clip, check (loss and norm finite on every rank, one host sync) and apply one update; (grad norm, lr)."""
     with timer("optimizer"):
         grad_norm = dist.clip_grad_norm(run.policy, run.cfg.optim.max_grad_norm)
@@ -216,7 +210,7 @@ def _optimizer_step(run: Run, state: TrainState, timer: StageTimer, losses: list
     return (engine_norm if engine_norm is not None else grad_norm), lr
 
 
-def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, float]:
+def train_step(run: Run, state: loop.State, timed: bool = True) -> dict[str, float]:
     """One rollout over ``train.grad_accum`` micro-batches of ``train.prompts_per_rank`` prompts, then
     ``loss.num_iterations`` optimizer updates over its completions (1: Video-R1's; with more, the loss metrics are
     their mean, ``grad_norm`` the last update's, the learning rate the first's). Loss and gradient norm are checked
@@ -248,14 +242,14 @@ def train_step(run: Run, state: TrainState, timed: bool = True) -> dict[str, flo
 # ---------------------------------------------------------------- the loop
 
 
-def _heldout(run: Run, state: TrainState) -> Optional[dict[str, float]]:
+def _heldout(run: Run, state: loop.State) -> Optional[dict[str, float]]:
     """Every ``eval.every`` steps: the policy's held-out accuracy, shuffled accuracy and gap (``eval.heldout``)."""
     if run.heldout is None or state.step % run.cfg.eval.every:
         return None
     return heldout_metrics(run.policy, run.tokenizer, run.heldout, run.cfg, run.info)
 
 
-def train(run: Run, state: TrainState) -> TrainState:
+def train(run: Run, state: loop.State) -> loop.State:
     """Steps until ``run.total_steps`` (``loop.run_steps``: checkpoints every ``train.save_every`` steps and at the
     end, an early return after a SIGTERM save), the held-out eval every ``eval.every`` steps; the prefetching
     workers stop on return and on an exception."""
@@ -281,7 +275,7 @@ def _models(cfg: Config, precision: Precision, attn: str, resume: Optional[Path]
             str(warm.path) if warm else cfg.model.path)
 
 
-def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]:
+def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, loop.State]:
     """Process group, data, models, wrapping, optimizer, resume and metrics for ``cfg``. ``models`` =
     (policy, reference or None, tokenizer) replaces the configured ones (benchmarks build 7B-shaped models)."""
     info = dist.init(cfg.dist)
@@ -304,10 +298,7 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, TrainState]
         make_optimizer=optim.optimizer_factory(cfg.optim),
         make_scheduler=optim.scheduler_factory(cfg.optim, total * cfg.loss.num_iterations))
     ref = None if ref_model is None else dist.wrap_reference(ref_model, info, precision=precision, plan=plan)
-    state = TrainState()
-    if resume:
-        saved = ckpt.load(resume, policy, info=info)
-        state = TrainState(saved["step"], Position(**saved["data"]))
+    state = loop.restore(resume, policy, info)
     metrics = Metrics(cfg.metrics, cfg.train.output_dir, total_steps=total, start_step=state.step,
                       enabled=info.is_main, run_config={**cfg.to_dict(), "resolved": resolved})
     if info.is_main:
