@@ -15,13 +15,11 @@ DeepSpeed JIT-builds its shm op once per machine (about 65 s, cached in the torc
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from runs import two_ranks
 from vr1fast.metrics import read_jsonl
 from vr1fast.model.load import load_model, save_tiny
 
@@ -61,12 +59,7 @@ def test_two_ranks_agree(strategy, synthetic, tmp_path):
             "--train.bf16=true", "--metrics.samples_every=2", *STRATEGIES[strategy]]
     if strategy == "zero3_folder":
         argv.append(f"--model.path={save_tiny(tmp_path / 'tiny_checkpoint')}")  # the worker's initial weights
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "_dist_worker.py"), str(tmp_path / "ranks.json"), *argv],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    two_ranks(str(REPO / "tests" / "_dist_worker.py"), str(tmp_path / "ranks.json"), *argv)
     report = json.loads((tmp_path / "ranks.json").read_text())
     assert report["world_size"] == 2
     assert report["strategy"] == ("deepspeed" if strategy.startswith("zero") else strategy.removesuffix("_paged"))

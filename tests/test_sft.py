@@ -2,9 +2,6 @@
 template, the loss against HF's cross-entropy, batching = accumulation, exact resume, the CLI, two-rank runs."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from vr1fast.metrics import read_jsonl
 from vr1fast.model.load import tiny_model
 from vr1fast.model.tokenizer import MODEL_VOCAB_SIZE
 from _sft_worker import digest
-from runs import comparable
+from runs import comparable, two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("direction", "count_image", "ocr")  # a video, an image, a video: targets and prompts of different lengths
@@ -237,12 +234,7 @@ def test_two_ranks(strategy, synthetic, tmp_path):
     extra = ["--train.max_steps=2", "--train.save_every=2", "--train.bf16=false", "--optim.lr=1e-2",
              "--train.grad_accum=2"]
     argv = _args(synthetic, tmp_path / "run", *extra, "--train.prompts_per_rank=1", *STRATEGIES[strategy])
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "_sft_worker.py"), str(tmp_path / "ranks.json"), *argv],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    two_ranks(str(REPO / "tests" / "_sft_worker.py"), str(tmp_path / "ranks.json"), *argv)
     report = json.loads((tmp_path / "ranks.json").read_text())
     assert report["strategy"] == ("deepspeed" if strategy == "zero2" else strategy)
     a, b = report["ranks"]

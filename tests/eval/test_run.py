@@ -5,15 +5,13 @@ file whose solutions are the model's own greedy outputs from a first run (the pr
 so the second run answers the same).
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from runs import two_ranks
 from vr1fast.config import demo, videor1_eval
 from vr1fast.eval.answer import Item, answer_batch, load_item
 from vr1fast.eval.benchmarks import heldout_dir, load_benchmark
@@ -216,10 +214,7 @@ def test_two_process_torchrun_eval_equals_the_one_process_eval(synthetic, tmp_pa
         return eval_args(out, f"--data.synthetic_dir={synthetic}", "--eval.heldout_size=8", "--eval.shuffled=true",
                          "--eval.batch_size=3")  # 3 batches: rank 0 answers batches 0 and 2, rank 1 batch 1
 
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "vr1fast.eval", *args(tmp_path / "two")], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = two_ranks("-m", "vr1fast.eval", *args(tmp_path / "two"), timeout=300)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker
     try:

@@ -1,14 +1,11 @@
 """Evaluation inside ``vr1fast.train``: the held-out numbers every ``eval.every`` steps and the final start-vs-last
 table (``eval.final``, on in the demo preset), on the tiny model and the synthetic sets."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from runs import small
+from runs import small, two_ranks
 from vr1fast.metrics import read_jsonl
 from vr1fast.train import main
 
@@ -49,10 +46,7 @@ def test_two_rank_fsdp2_training_logs_held_out_numbers_equal_to_its_last_checkpo
     argv = small(synthetic, out, "--train.max_steps=2", "--dist.strategy=fsdp2", "--eval.every=2",
                  "--eval.final=true", "--eval.heldout_size=8", "--eval.sampling=greedy", "--eval.max_new_tokens=4",
                  "--eval.batch_size=3")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "vr1fast.train", *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = two_ranks("-m", "vr1fast.train", *argv, timeout=300)
     step2 = read_jsonl(out / "metrics.jsonl")[-1]
     last = json.loads((out / "eval" / "last" / "heldout.summary.json").read_text())
     assert last["scored"] == 8 and step2["eval/broken"] == 0
