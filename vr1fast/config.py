@@ -164,9 +164,10 @@ class RewardConfig:
     # with the signature of vr1fast.rl.rewards.accuracy_reward
     correct_threshold: float = 0.1        # accuracy > this counts as correct (temporal and length rules)
     temporal: bool = True                 # T-GRPO's temporal bonus on video prompts
-    temporal_rule: Literal["code", "strict", "diff"] = "code"  # how the temporal bonus compares p and p~:
-    # code: mean(acc) >= mu * mean(acc_shuf) -> +alpha (Video-R1's code, mu=0.8);
-    # strict: the paper's p > p~ (mu = 1.0, strict >); diff: +alpha * (p - p~) when p > p~
+    temporal_rule: Literal["code", "strict", "diff", "advantage"] = "code"  # how the temporal bonus compares p, p~:
+    # code: p >= mu * p~ -> +alpha (Video-R1's code); strict: p > p~ (paper, mu = 1.0); diff: +alpha*(p - p~) if p > p~.
+    # These add it to the reward, where the group normalisation cancels it for 0/1 accuracy and equal other parts
+    # (Video-R1 #51); advantage: if p > p~, +alpha on each correct completion's advantage after the normalisation
     temporal_mu: float = 0.8              # mu of the "code" rule
     temporal_alpha: float = 0.3           # alpha, the temporal bonus
     len_control: bool = True              # the length bonus

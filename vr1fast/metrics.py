@@ -25,7 +25,7 @@ from vr1fast.errors import ConfigError
 
 PLOT_PANELS = (
     ("reward parts", ("reward", "rewards/accuracy_reward", "rewards/format_reward")),
-    ("temporal reward (1 = bonus fired, 0.5 = image prompt)", ("temporal_rewards",)),
+    ("temporal bonus: fired (0.5 = image), changed an advantage", ("temporal_rewards", "temporal_adv_changed")),
     ("completion length (tokens)", ("completion_length",)),
 )
 

@@ -202,6 +202,10 @@ def test_score_batch_mixed_image_video():
         "all_wrong": 0.25,                                # P3: every total <= 1
         "all_correct": 0.25,                              # P2: every total >= 2
         "temporal_rewards": 0.5,                          # (1 + 0.5 + 0.5 + 0) / 4
+        # video groups P0 and P3. P0 without the bonus: totals 2.2, 1, 0, 1 (std 0.9), advantages 1.2776,
+        # -0.0555, -1.1665, -0.0555: |delta| 0.01509 + 0.15267 + 0.00111 + 0.13869 over 8 completions (P3: 0)
+        "temporal_adv_delta": 0.3075615 / 8,
+        "temporal_adv_changed": 0.5,                      # P0 moved (its format differs), P3's bonus did not fire
         "reward": 21.1333333333 / 16,                     # (4.8 + 6.4 + 8 + 1.9333333) / 16
         "reward_std": 0.4555958343,
         "reward_exceptions": 0.0,
