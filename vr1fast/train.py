@@ -24,6 +24,7 @@ substitutes a fixed sample); a non-finite loss stops the run before the update.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class Run:
     ref: Optional[dist.Wrapped]
     records: Records
     sampler: Sampler
-    prompts: PromptStream                            # the sampler's prompts and media (data.prefetch_* workers)
+    prompts: PromptStream                            # prompts, media and their pairs (data.prefetch_* workers)
     metrics: Metrics
     total_steps: int
     last_checkpoint: Optional[Path] = None
@@ -136,21 +137,34 @@ def _logprobs(model, inputs, completion_ids, lengths: list[int], cfg: Config):
         return completion_logprobs(rows, cfg.loss, temperature=cfg.rollout.temperature)
 
 
+def _step_seed(cfg: Config, rank: int, step: int, micro: int) -> int:
+    """The seed of micro-batch ``micro`` of ``step`` on ``rank``: replacement draws, frame shuffles, the rollout."""
+    return dist.step_seed(cfg.train.seed, step, rank, micro)
+
+
+def _prepare(cfg: Config, tokenizer, samples, media, seed: int):
+    """The processor stage: the prompts' messages → the ordered and shuffled ``PromptBatch`` pair (frame shuffles
+    from ``seed``), prompt lengths checked. Runs in the step, or in a prefetch worker with its own tokenizer."""
+    messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
+    pair = build_shuffle_pair(tokenizer, messages, media, torch.Generator().manual_seed(seed),
+                              mode=cfg.data.frame_shuffle, allow_identity=cfg.data.shuffle_allow_identity,
+                              second_per_grid_ts=cfg.data.second_per_grid_ts)
+    check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
+    return pair
+
+
 def _micro_batch(run: Run, state: loop.State, micro: int, timer: StageTimer, last: bool,
                  logs: Optional[list]) -> tuple[dict, dict, "Update"]:
     """One micro-batch: prompts → rollout → rewards → reference (→ old policy) → policy loss and backward.
     Returns its host and device metric rows and its :class:`Update`; appends its ``samples.jsonl`` rows to
     ``logs`` (a list on sample steps, else None)."""
     cfg, device, G = run.cfg, run.info.device, run.cfg.rollout.num_generations
-    seed = dist.step_seed(cfg.train.seed, state.step, run.info.rank, micro)
-    with timer("data"):
-        samples, media, skipped, state.position = run.prompts.next_prompts(state.position, seed)
+    seed = _step_seed(cfg, run.info.rank, state.step, micro)
+    with timer("data"):  # with prefetch workers: waiting for the micro-batch they decoded and prepared
+        samples, media, skipped, state.position, pair = run.prompts.next_prepared(state.position, state.step, micro)
     with timer("processor"):
-        messages = [build_messages(s, cfg.data.eval_mode) for s in samples]
-        pair = build_shuffle_pair(run.tokenizer, messages, media, torch.Generator().manual_seed(seed),
-                                  mode=cfg.data.frame_shuffle, allow_identity=cfg.data.shuffle_allow_identity,
-                                  second_per_grid_ts=cfg.data.second_per_grid_ts)
-        check_prompt_lengths(pair.ordered.attention_mask.sum(1).tolist(), samples, cfg.rollout.max_prompt_length)
+        if pair is None:  # no prefetch workers
+            pair = _prepare(cfg, run.tokenizer, samples, media, seed)
         inputs = pair.ordered.to(device).model_inputs()
     with timer("rollout"):
         completions = _rollout(run, pair, inputs, seed)
@@ -304,7 +318,9 @@ def build(cfg: Config, models: Optional[tuple] = None) -> tuple[Run, loop.State]
     if info.is_main:
         Path(cfg.train.output_dir, "config.yaml").write_text(to_yaml(cfg))
     sampler = Sampler(len(records), cfg.train.seed, cfg.data.shuffle)
-    prompts = PromptStream(records, sampler, cfg, rank=info.rank, world_size=info.world_size)
+    prompts = PromptStream(records, sampler, cfg, rank=info.rank, world_size=info.world_size,
+                           prepare=functools.partial(_prepare, cfg), tokenizer=tokenizer,
+                           seed_of=functools.partial(_step_seed, cfg, info.rank))
     run = Run(cfg, info, tokenizer, policy, ref, records, sampler, prompts, metrics, total, resume, resume, start,
               configured_benchmarks(cfg, dist.once) if cfg.eval.every else None)
     return run, state
