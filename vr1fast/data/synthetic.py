@@ -304,7 +304,7 @@ def encode_h264(frames: np.ndarray, path: str | Path, fps: float, crf: int = 10)
     os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:  # atomic: .part + rename
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -322,21 +322,19 @@ def _record(i: int, kind: str, item: _Item, rel: str) -> dict:
             "path": rel, "data_source": f"vr1fast-synthetic/{kind}"}
 
 
-def _sha(text: str) -> str:
+def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _reusable(root: Path, params: dict) -> bool:
+def reusable(root: Path, params: dict, checksums: dict[str, str]) -> bool:
+    """``root/manifest.json`` lists ``params``, the SHA-256 of each ``{file: manifest key}`` and media that exist."""
     try:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    if manifest.get("params") != params:
-        return False
-    for name, key in (("rl.json", "rl_sha256"), ("sft.json", "sft_sha256")):
-        if not (root / name).is_file() or _sha((root / name).read_text()) != manifest.get(key):
-            return False
-    return all((root / f).is_file() for f in manifest.get("files", []))
+    same = manifest.get("params") == params and all((root / name).is_file() and sha256_text(
+        (root / name).read_text()) == manifest.get(key) for name, key in checksums.items())
+    return same and all((root / f).is_file() for f in manifest.get("files", []))
 
 
 def generate_synthetic(out_dir: str | Path, n: int = 24, seed: int = 0, size: tuple[int, int] = (112, 84),
@@ -358,7 +356,7 @@ def generate_synthetic(out_dir: str | Path, n: int = 24, seed: int = 0, size: tu
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        reused = _reusable(root, params)
+        reused = reusable(root, params, {"rl.json": "rl_sha256", "sft.json": "sft_sha256"})
         if not reused:
             _write_set(root, params)
     return SyntheticSet(root, root / "rl.json", root / "sft.json", n, reused)
@@ -384,10 +382,10 @@ def _write_set(root: Path, params: dict) -> None:
         sft.append({**rl[-1], "process": f"<think>{item.think}</think>"})
     _remove_stale(root, set(files))
     rl_text, sft_text = json.dumps(rl, indent=1) + "\n", json.dumps(sft, indent=1) + "\n"
-    _write_text(root / "rl.json", rl_text)
-    _write_text(root / "sft.json", sft_text)
-    manifest = dict(params=params, files=files, rl_sha256=_sha(rl_text), sft_sha256=_sha(sft_text))
-    _write_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    write_text(root / "rl.json", rl_text)
+    write_text(root / "sft.json", sft_text)
+    manifest = dict(params=params, files=files, rl_sha256=sha256_text(rl_text), sft_sha256=sha256_text(sft_text))
+    write_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 
 def _remove_stale(root: Path, keep: set[str]) -> None:
