@@ -1,0 +1,69 @@
+"""``python -m vr1fast.experiments.temporal --quick``: the plumbing (runs, CSVs, plot, reuse), not the result."""
+import csv
+import math
+
+import pytest
+
+from vr1fast.experiments import temporal
+from vr1fast.experiments.temporal import QUICK, VARIANTS, interval, main
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("temporal")
+    assert main(["--quick", "--out", str(out / "runs"), "--results", str(out / "results"), "--jobs", "2"]) == 0
+    return out
+
+
+def test_quick_writes_steps_summary_and_plot(quick):
+    results = quick / "results"
+    steps, summary = read(results / "temporal_steps.csv"), read(results / "temporal_summary.csv")
+    assert [r["variant"] for r in summary] == ["start", *VARIANTS]
+    for r in summary:
+        assert r["seeds"] == str(QUICK.seeds) and r["commit"] and r["date"].startswith("20") and "cores" in r["machine"]
+        assert 0.0 <= float(r["test_ordered"]) <= 1.0 and r["test_gap"] != ""
+        assert r["test_gap_seeds"].count(" ") == QUICK.seeds - 1        # one value per seed
+    rl = [r for r in steps if r["step"] != "0"]
+    assert {(r["variant"], r["seed"]) for r in rl} == {(v, str(s)) for v in VARIANTS for s in range(QUICK.seeds)}
+    assert all(len([r for r in rl if r["variant"] == v and r["seed"] == "0"]) == QUICK.rl_steps for v in VARIANTS)
+    tested = [r for r in rl if r["test_ordered"] != ""]
+    assert {r["step"] for r in tested} == {str(QUICK.rl_steps)}       # eval_every = rl_steps in the quick plan
+    for r in rl:   # the bonus metrics are logged with the temporal reward on, and only then
+        assert (r["temporal_adv_delta"] != "") == (r["variant"] != "grpo"), r
+        assert r["rewards/accuracy_reward"] != "" and float(r["completion_length"]) > 0
+    png = (results / "temporal.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_quick_finished_runs_are_reused(quick, monkeypatch):
+    """A second call runs nothing (every run finished) and writes the same numbers."""
+    before = read(quick / "results" / "temporal_summary.csv")
+    monkeypatch.setattr(temporal, "_job", lambda *a: pytest.fail(f"ran again: {a[0]}"))
+    # the pool pickles _job by name in the worker: patching it here would not reach the workers, so no pool may run
+    assert temporal.run_all(QUICK, quick / "runs", 2, tuple(VARIANTS)) == {}
+    main(["--quick", "--out", str(quick / "runs"), "--results", str(quick / "again")])
+    again = read(quick / "again" / "temporal_summary.csv")
+    keys = [k for k in before[0] if k.startswith(("test_", "conflict_", "temporal_"))]
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in before]
+
+
+def test_another_plan_in_the_same_out_is_refused(quick):
+    with pytest.raises(SystemExit, match="another plan"):
+        main(["--quick", "--seeds", "3", "--out", str(quick / "runs")])
+
+
+def test_unknown_variant_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--quick", "--variants", "grpo,ppo", "--out", str(tmp_path)])
+    assert "ppo" in capsys.readouterr().err
+
+
+def test_interval():
+    mean, half = interval([0.5, 0.7, 0.6])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert math.isnan(interval([0.4])[1])
