@@ -111,6 +111,7 @@ class PromptStream:
             return next_prompts(self.records, self.sampler, position, self.cfg, rank=self.rank,
                                 world_size=self.world_size, seed=seed)
         head = self._head(position, None)
+        self._refill(head)
         samples, media, skipped = load_samples(self.records, head.indices, self.cfg, seed,
                                                [future.result for future in head.media])
         return samples, media, skipped, head.after
@@ -124,20 +125,22 @@ class PromptStream:
             return (*self.next_prompts(position, self.seed_of(step, micro)), None)
         head = self._head(position, (step, micro))
         samples, media, skipped, prepared = head.prepared.result()  # the worker's error, if any, raised here
+        self._refill(head)  # after the wait: workers woken before it would compete with it for the GIL
         return samples, media, skipped, head.after, prepared
 
     def _head(self, position: Position, at: Optional[tuple[int, int]]) -> _Window:
-        """The window of this call (the predicted one, or submitted now after discarding the work in flight), the
-        next ``data.prefetch_depth`` ones submitted behind it."""
+        """The window of this call: the predicted one, or submitted now after discarding the work in flight."""
         if not self._ahead or (self._ahead[0].position, self._ahead[0].at) != (position, at):
             self.restarts += 1
             self._discard()
             self._ahead.append(self._submit(position, at))
-        head = self._ahead.popleft()
+        return self._ahead.popleft()
+
+    def _refill(self, head: _Window) -> None:
+        """Submits windows behind ``head`` until ``data.prefetch_depth`` are ahead of it."""
         while len(self._ahead) < self.cfg.data.prefetch_depth:
             last = self._ahead[-1] if self._ahead else head
             self._ahead.append(self._submit(last.after, self._next_at(last.at)))
-        return head
 
     def _next_at(self, at: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
         if at is None:
