@@ -28,6 +28,8 @@ def test_quick_writes_steps_summary_and_plot(quick):
         assert r["seeds"] == str(QUICK.seeds) and r["commit"] and r["date"].startswith("20") and "cores" in r["machine"]
         assert 0.0 <= float(r["test_ordered"]) <= 1.0 and r["test_gap"] != ""
         assert r["test_gap_seeds"].count(" ") == QUICK.seeds - 1        # one value per seed
+    assert float(summary[1]["test_gap_vs_grpo"]) == 0.0                # GRPO paired with itself
+    assert summary[0]["test_gap_vs_grpo"] == "" and summary[2]["test_gap_vs_grpo"] != ""   # none for the start
     rl = [r for r in steps if r["step"] != "0"]
     assert {(r["variant"], r["seed"]) for r in rl} == {(v, str(s)) for v in VARIANTS for s in range(QUICK.seeds)}
     assert all(len([r for r in rl if r["variant"] == v and r["seed"] == "0"]) == QUICK.rl_steps for v in VARIANTS)
@@ -61,6 +63,14 @@ def test_unknown_variant_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--quick", "--variants", "grpo,ppo", "--out", str(tmp_path)])
     assert "ppo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("assignment, message", [("rl_lr=fast", "is not a float"), ("lr=1", "KEY one of"),
+                                                 ("rl_steps", "KEY one of")])
+def test_bad_plan_change_is_named(tmp_path, capsys, assignment, message):
+    with pytest.raises(SystemExit):
+        main(["--quick", "--set", assignment, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
 
 
 def test_interval():

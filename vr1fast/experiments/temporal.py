@@ -51,6 +51,9 @@ VARIANTS = {"grpo": ["--reward.temporal=false"],
 HALVES = ("cue_agree", "cue_conflict")
 STEP_KEYS = ("reward", "reward_std", "rewards/accuracy_reward", "rewards/format_reward", "temporal_rewards",
              "temporal_adv_delta", "temporal_adv_changed", "all_correct", "all_wrong", "kl", "completion_length")
+TEST_KEYS = ("test_ordered", "test_shuffled", "test_gap", "conflict_ordered")
+BONUS_KEYS = ("temporal_rewards", "temporal_adv_changed", "temporal_adv_delta")
+COLOURS = {"grpo": "tab:blue", "tgrpo_code": "tab:orange", "tgrpo_strict": "tab:green", "tgrpo_advantage": "tab:red"}
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_{0.975, df}
 
 
@@ -222,25 +225,33 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def summary_rows(plan: Plan, rows: list[dict], variants: tuple[str, ...]) -> list[dict]:
-    """Per variant (and the warm start): mean and 95% interval over seeds of the final test numbers, and of the
-    run's mean ``temporal_rewards`` / ``temporal_adv_changed`` / ``temporal_adv_delta``."""
+def _final_per_seed(plan: Plan, rows: list[dict], variant: str, start: bool) -> list[dict]:
+    """Per seed: the last tested row of ``variant`` (step 0 for ``start``) with the run's mean of each bonus metric."""
     out = []
-    keys = ("test_ordered", "test_shuffled", "test_gap", "conflict_ordered")
-    for variant in ("start", *variants):
-        name = variants[0] if variant == "start" else variant
-        per_seed = []
-        for seed in range(plan.seeds):
-            runs = [r for r in rows if r["variant"] == name and r["seed"] == seed]
-            tested = [r for r in runs if "test_ordered" in r and (r["step"] == 0) == (variant == "start")]
-            final = dict(tested[-1])
-            for k in ("temporal_rewards", "temporal_adv_changed", "temporal_adv_delta"):
-                seen = [r[k] for r in runs if r.get(k) is not None]
-                final[k] = sum(seen) / len(seen) if seen and variant != "start" else None
-            per_seed.append(final)
+    for seed in range(plan.seeds):
+        runs = [r for r in rows if r["variant"] == variant and r["seed"] == seed]
+        final = dict([r for r in runs if "test_ordered" in r and (r["step"] == 0) == start][-1])
+        for k in BONUS_KEYS:
+            seen = [r[k] for r in runs if r.get(k) is not None]
+            final[k] = sum(seen) / len(seen) if seen and not start else None
+        out.append(final)
+    return out
+
+
+def summary_rows(plan: Plan, rows: list[dict], variants: tuple[str, ...]) -> list[dict]:
+    """Per variant (and ``start``, the warm start): mean and 95% interval over seeds of the final test numbers and of
+    the run's mean ``temporal_rewards`` / ``temporal_adv_changed`` / ``temporal_adv_delta``; and, paired by seed
+    (same warm start), each final test number minus GRPO's (``<key>_vs_grpo``), when GRPO ran."""
+    finals = {v: _final_per_seed(plan, rows, v, False) for v in variants}
+    finals = {"start": _final_per_seed(plan, rows, variants[0], True), **finals}
+    out = []
+    for variant, per_seed in finals.items():
         row = {"variant": variant, "seeds": plan.seeds, "step": per_seed[0]["step"]}
-        for k in (*keys, "temporal_rewards", "temporal_adv_changed", "temporal_adv_delta"):
-            values = [r[k] for r in per_seed if r.get(k) is not None]
+        columns = {k: [r[k] for r in per_seed if r.get(k) is not None] for k in (*TEST_KEYS, *BONUS_KEYS)}
+        if "grpo" in finals and variant != "start":
+            columns.update({f"{k}_vs_grpo": [r[k] - g[k] for r, g in zip(per_seed, finals["grpo"])]
+                            for k in TEST_KEYS})
+        for k, values in columns.items():
             if values:
                 row[k], row[f"{k}_ci95"] = interval(values)
                 row[f"{k}_seeds"] = " ".join(f"{v:.4f}" for v in values)
@@ -280,31 +291,54 @@ def write_csv(path: Path, rows: list[dict], extra: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
+def _curve(rows: list[dict], variant: str, key: str, smooth: int = 1) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean over seeds, 95% half-width) of ``key``; ``smooth`` > 1 first averages each seed's values over a
+    trailing window of that many logged steps."""
+    seeds = sorted({r["seed"] for r in rows if r["variant"] == variant})
+    per_seed = {s: {r["step"]: r[key] for r in rows if r["variant"] == variant and r["seed"] == s
+                    and r.get(key) is not None} for s in seeds}
+    steps = sorted(set.intersection(*(set(v) for v in per_seed.values()))) if per_seed else []
+    def trailing(values: dict[int, float], i: int) -> float:
+        window = [values[u] for u in steps[max(0, i - smooth + 1):i + 1]]
+        return sum(window) / len(window)
+    per_seed = {s: {t: trailing(v, i) for i, t in enumerate(steps)} for s, v in per_seed.items()}
+    stats = [interval([per_seed[s][t] for s in seeds]) for t in steps]
+    return steps, [m for m, _ in stats], [0.0 if math.isnan(h) else h for _, h in stats]
+
+
+def _paired(rows: list[dict], variant: str, key: str) -> list[dict]:
+    """Rows of ``variant`` with ``key`` replaced by its difference to GRPO's value at the same seed and step."""
+    grpo = {(r["seed"], r["step"]): r.get(key) for r in rows if r["variant"] == "grpo"}
+    return [{**r, key: r[key] - grpo[(r["seed"], r["step"])]} for r in rows if r["variant"] == variant
+            and r.get(key) is not None and grpo.get((r["seed"], r["step"])) is not None]
+
+
 def plot(path: Path, rows: list[dict], variants: tuple[str, ...], title: str) -> None:
-    """Test ordered accuracy, gap, conflict-half accuracy (mean over seeds, 95% band) and the fraction of video
-    groups whose advantages the bonus moved, against the RL step."""
+    """Against the RL step, mean over seeds with its 95% band: the held-out ordered accuracy, the ordered - shuffled
+    gap, that gap minus GRPO's from the same warm start (paired by seed), and the fraction of video groups whose
+    advantages the bonus moved (5-step trailing mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = (("test_ordered", "held-out accuracy, ordered frames"), ("test_gap", "ordered - shuffled accuracy"),
-              ("conflict_ordered", "accuracy where the tint misleads"),
-              ("temporal_adv_changed", "video groups whose advantages the bonus moved"))
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for ax, (key, label) in zip(axes.flat, panels):
+    panels = [("test_ordered", "held-out accuracy, ordered frames", lambda v: rows, 1),
+              ("test_gap", "held-out ordered - shuffled accuracy", lambda v: rows, 1),
+              ("test_gap", "gap minus GRPO's (same warm start)", lambda v: _paired(rows, v, "test_gap"), 1),
+              ("temporal_adv_changed", "video groups whose advantages the bonus moved", lambda v: rows, 5)]
+    for ax, (key, label, source, smooth) in zip(axes.flat, panels):
         for variant in variants:
-            steps = sorted({r["step"] for r in rows if r["variant"] == variant and r.get(key) is not None})
-            stats = [interval([r[key] for r in rows if r["variant"] == variant and r["step"] == s
-                               and r.get(key) is not None]) for s in steps]
+            steps, mean, half = _curve(source(variant), variant, key, smooth)
             if not steps:
                 continue
-            mean = [m for m, _ in stats]
-            half = [0.0 if math.isnan(h) else h for _, h in stats]
-            ax.plot(steps, mean, label=variant, marker="o" if key != "temporal_adv_changed" else None, ms=3)
+            colour = COLOURS.get(variant)
+            ax.plot(steps, mean, label=variant, color=colour, marker="o" if smooth == 1 else None, ms=3)
             ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
-                            alpha=0.15)
+                            color=colour, alpha=0.12)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
+        if key != "test_gap" or "minus" not in label:
+            ax.set_ylim(-0.05, 1.05)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -315,14 +349,31 @@ def plot(path: Path, rows: list[dict], variants: tuple[str, ...], title: str) ->
 
 
 def report(summary: list[dict]) -> str:
-    """The summary as a plain table (printed at the end)."""
-    lines = [f"{'variant':16} {'ordered':>15} {'shuffled':>15} {'gap':>15} {'tint misleads':>15} {'moved A':>8}"]
+    """The summary as a plain table (printed at the end): final held-out numbers, the gap's paired difference to
+    GRPO and the fraction of video groups whose advantages the bonus moved."""
+    keys = ("test_ordered", "test_shuffled", "test_gap", "conflict_ordered", "test_gap_vs_grpo")
+    heads = ("ordered", "shuffled", "gap", "tint misleads", "gap - GRPO's")
+    lines = [f"{'variant':16} " + " ".join(f"{h:>15}" for h in heads) + f" {'moved A':>8}"]
     for r in summary:
-        cells = [f"{r[k]:.3f} ± {r[k + '_ci95']:.3f}" if k in r else "-" for k in
-                 ("test_ordered", "test_shuffled", "test_gap", "conflict_ordered")]
+        cells = [f"{r[k]:+.3f} ± {r[k + '_ci95']:.3f}" if k.endswith("vs_grpo") and k in r else
+                 f"{r[k]:.3f} ± {r[k + '_ci95']:.3f}" if k in r else "-" for k in keys]
         moved = f"{r['temporal_adv_changed']:.3f}" if "temporal_adv_changed" in r else "-"
         lines.append(f"{r['variant']:16} " + " ".join(f"{c:>15}" for c in cells) + f" {moved:>8}")
     return "\n".join(lines)
+
+
+def changed(plan: Plan, assignments: list[str], parser: argparse.ArgumentParser) -> Plan:
+    """``plan`` with each ``KEY=VALUE`` applied, the value converted to the field's type."""
+    fields = {f.name: type(getattr(plan, f.name)) for f in dataclasses.fields(Plan)}
+    for text in assignments:
+        key, _, value = text.partition("=")
+        if key not in fields or not value:
+            parser.error(f"--set {text}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            plan = dataclasses.replace(plan, **{key: fields[key](value)})
+        except ValueError:
+            parser.error(f"--set {text}: {value!r} is not a {fields[key].__name__}")
+    return plan
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -331,6 +382,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="runs/temporal", help="runs, checkpoints and logs (finished runs reused)")
     parser.add_argument("--results", default=None, help="where the CSVs and the plot go (default: --out)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the plan's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one field of the plan (repeatable): " + ", ".join(
+                            f"{f.name}={getattr(FULL, f.name)}" for f in dataclasses.fields(Plan)))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each")
     args = parser.parse_args(argv)
@@ -341,6 +395,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.seeds is not None:
         plan = dataclasses.replace(plan, seeds=args.seeds)
+    plan = changed(plan, args.set, parser)
     out, results = Path(args.out), Path(args.results or args.out)
     started = time.perf_counter()
     seconds = run_all(plan, out, max(1, args.jobs), variants)
