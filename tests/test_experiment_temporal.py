@@ -5,7 +5,8 @@ import math
 import pytest
 
 from vr1fast.experiments import temporal
-from vr1fast.experiments.temporal import QUICK, VARIANTS, interval, main
+from vr1fast.experiments.temporal import QUICK, VARIANTS, main
+from vr1fast.experiments.temporal_results import interval
 
 
 def read(path):
