@@ -52,7 +52,7 @@ VARIANTS = {"grpo": ["--reward.temporal=false"],
 class Plan:
     """The experiment's sizes; ``FULL`` is the committed run, ``QUICK`` the CI plumbing check."""
 
-    seeds: int = 3
+    seeds: int = 5
     kind: str = "fade"
     signal: float = 0.5          # the order signal: brightness change over the clip, a fraction of the range
     noise: float = 0.1           # per-frame brightness jitter, same unit
@@ -62,11 +62,11 @@ class Plan:
     sft_steps: int = 160
     sft_batch: int = 8
     sft_lr: float = 3e-3
-    rl_steps: int = 80
+    rl_steps: int = 100
     prompts: int = 4             # prompts per RL step
     generations: int = 8         # G ordered (+ G/2 shuffled, Video-R1's)
     max_new_tokens: int = 32
-    rl_lr: float = 1e-4
+    rl_lr: float = 3e-4
     eval_every: int = 10
 
 
