@@ -51,7 +51,8 @@ def test_quick_finished_runs_are_reused(quick, monkeypatch):
     assert temporal.run_all(QUICK, quick / "runs", 2, tuple(VARIANTS)) == {}
     main(["--quick", "--out", str(quick / "runs"), "--results", str(quick / "again")])
     again = read(quick / "again" / "temporal_summary.csv")
-    keys = [k for k in before[0] if k.startswith(("test_", "conflict_", "temporal_"))]
+    keys = [k for k in before[0] if k.startswith(("test_", "conflict_", "temporal_"))] + ["wall_s", "rl_s", "sft_s"]
+    assert float(before[0]["wall_s"]) > 0 and float(before[0]["rl_s"]) > 0   # the runs' time, not the reuse's
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in before]
 
 

@@ -177,6 +177,17 @@ def run_all(plan: Plan, out: Path, jobs: int, variants: tuple[str, ...]) -> dict
     return seconds
 
 
+def _add_timing(path: Path, seconds: dict[str, float], wall: float) -> dict[str, float]:
+    """``path``'s record of the runs' seconds (``wall``: the invocations that ran something; per run kind: the
+    summed seconds of its runs), with this invocation's added when it ran something."""
+    timing = json.loads(path.read_text()) if path.is_file() else {}
+    if seconds:
+        for key, value in {"wall": wall, **seconds}.items():
+            timing[key] = timing.get(key, 0.0) + value
+        path.write_text(json.dumps(timing, indent=1) + "\n")
+    return timing
+
+
 def changed(plan: Plan, assignments: list[str], parser: argparse.ArgumentParser) -> Plan:
     """``plan`` with each ``KEY=VALUE`` applied, the value converted to the field's type."""
     fields = {f.name: type(getattr(plan, f.name)) for f in dataclasses.fields(Plan)}
@@ -214,18 +225,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     out, results = Path(args.out), Path(args.results or args.out)
     started = time.perf_counter()
     seconds = run_all(plan, out, max(1, args.jobs), variants)
+    timing = _add_timing(out / "timing.json", seconds, time.perf_counter() - started)
     rows = step_rows(plan, out, variants)
     summary = summary_rows(plan, rows, variants)
-    wall = time.perf_counter() - started
-    extra = {**provenance(), "wall_s": f"{wall:.0f}", "jobs": str(args.jobs),
-             "plan": json.dumps(dataclasses.asdict(plan), separators=(",", ":"))}
+    stamp = provenance()
     results.mkdir(parents=True, exist_ok=True)
-    write_csv(results / "temporal_steps.csv", rows, extra)
-    write_csv(results / "temporal_summary.csv", summary, extra)
+    write_csv(results / "temporal_steps.csv", rows, stamp)
+    write_csv(results / "temporal_summary.csv", summary, {**stamp, **{f"{k}_s": f"{v:.0f}" for k, v in timing.items()},
+                                                          "jobs": str(args.jobs), "plan": json.dumps(
+                                                              dataclasses.asdict(plan), separators=(",", ":"))})
     plot(results / "temporal.png", rows, variants, f"{plan.kind}: cue_rate {plan.cue_rate}, signal {plan.signal}, "
-         f"noise {plan.noise}, {plan.seeds} seeds, {plan.rl_steps} RL steps; {extra['commit']} {extra['date']}")
+         f"noise {plan.noise}, {plan.seeds} seeds, {plan.rl_steps} RL steps; {stamp['commit']} {stamp['date']}")
     print(report(summary))
-    print(f"done in {wall:.0f} s (run seconds: {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}); "
+    print(f"done in {time.perf_counter() - started:.0f} s; all runs of {out}: "
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in timing.items())}; "
           f"{results / 'temporal_summary.csv'}, {results / 'temporal_steps.csv'}, {results / 'temporal.png'}")
     return 0
 
