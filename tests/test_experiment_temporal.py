@@ -27,6 +27,7 @@ def test_quick_writes_steps_summary_and_plot(quick):
     assert [r["variant"] for r in summary] == ["start", *VARIANTS]
     for r in summary:
         assert r["seeds"] == str(QUICK.seeds) and r["commit"] and r["date"].startswith("20") and "cores" in r["machine"]
+        assert r["runs_commit"] and "+" not in r["runs_commit"].replace("+dirty", "")
         assert 0.0 <= float(r["test_ordered"]) <= 1.0 and r["test_gap"] != ""
         assert r["test_gap_seeds"].count(" ") == QUICK.seeds - 1        # one value per seed
     assert float(summary[1]["test_gap_vs_grpo"]) == 0.0                # GRPO paired with itself

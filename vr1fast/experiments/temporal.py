@@ -37,7 +37,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from vr1fast.experiments.temporal_results import (HALVES, plot, provenance, report, step_rows, summary_rows,
                                                   write_csv)
@@ -177,13 +177,16 @@ def run_all(plan: Plan, out: Path, jobs: int, variants: tuple[str, ...]) -> dict
     return seconds
 
 
-def _add_timing(path: Path, seconds: dict[str, float], wall: float) -> dict[str, float]:
-    """``path``'s record of the runs' seconds (``wall``: the invocations that ran something; per run kind: the
-    summed seconds of its runs), with this invocation's added when it ran something."""
+def _add_timing(path: Path, seconds: dict[str, float], wall: float) -> dict[str, Any]:
+    """``path``'s record of the runs: ``wall`` (seconds of the invocations that ran something), the summed seconds
+    per run kind and ``runs_commit`` (the commits those invocations ran), this invocation's added when it ran
+    something."""
     timing = json.loads(path.read_text()) if path.is_file() else {}
     if seconds:
         for key, value in {"wall": wall, **seconds}.items():
             timing[key] = timing.get(key, 0.0) + value
+        commits = set(filter(None, timing.get("runs_commit", "").split(" "))) | {provenance()["commit"]}
+        timing["runs_commit"] = " ".join(sorted(commits))
         path.write_text(json.dumps(timing, indent=1) + "\n")
     return timing
 
@@ -228,17 +231,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     timing = _add_timing(out / "timing.json", seconds, time.perf_counter() - started)
     rows = step_rows(plan, out, variants)
     summary = summary_rows(plan, rows, variants)
-    stamp = provenance()
+    stamp = {**provenance(), "runs_commit": timing.get("runs_commit", "")}  # commit: this code; runs_commit: theirs
     results.mkdir(parents=True, exist_ok=True)
     write_csv(results / "temporal_steps.csv", rows, stamp)
-    write_csv(results / "temporal_summary.csv", summary, {**stamp, **{f"{k}_s": f"{v:.0f}" for k, v in timing.items()},
-                                                          "jobs": str(args.jobs), "plan": json.dumps(
-                                                              dataclasses.asdict(plan), separators=(",", ":"))})
+    runs = {k: v for k, v in timing.items() if k != "runs_commit"}
+    write_csv(results / "temporal_summary.csv", summary, {
+        **stamp, **{f"{k}_s": f"{v:.0f}" for k, v in runs.items()},
+        "jobs": str(args.jobs), "plan": json.dumps(dataclasses.asdict(plan), separators=(",", ":"))})
     plot(results / "temporal.png", rows, variants, f"{plan.kind}: cue_rate {plan.cue_rate}, signal {plan.signal}, "
-         f"noise {plan.noise}, {plan.seeds} seeds, {plan.rl_steps} RL steps; {stamp['commit']} {stamp['date']}")
+         f"noise {plan.noise}, {plan.seeds} seeds, {plan.rl_steps} RL steps; runs at {timing.get('runs_commit')}, "
+         f"written {stamp['date']}")
     print(report(summary))
     print(f"done in {time.perf_counter() - started:.0f} s; all runs of {out}: "
-          f"{', '.join(f'{k} {v:.0f} s' for k, v in timing.items())}; "
+          f"{', '.join(f'{k} {v:.0f} s' for k, v in runs.items())}; "
           f"{results / 'temporal_summary.csv'}, {results / 'temporal_steps.csv'}, {results / 'temporal.png'}")
     return 0
 
