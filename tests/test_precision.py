@@ -35,6 +35,11 @@ def test_plan_table(strategy, bf16):
     assert (plan.master, plan.autocast, plan.fsdp_param, plan.deepspeed_bf16) == TABLE[strategy, bf16]
 
 
+def test_describe_names_what_was_built():
+    assert precision_plan("ddp", True).describe() == "policy and reference built in float32, bfloat16 autocast"
+    assert precision_plan("none", False).describe("model") == "model built in float32, no mixed precision"
+
+
 def test_plan_names_an_unknown_strategy():
     with pytest.raises(ConfigError, match="'auto'"):
         precision_plan("auto", True)

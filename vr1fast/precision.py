@@ -24,8 +24,8 @@ class Precision:
     fsdp_param: Optional[torch.dtype]   # FSDP2 MixedPrecisionPolicy.param_dtype of both models (None: as built)
     deepspeed_bf16: bool                # the DeepSpeed config's bf16 block (both engines cast their parameters)
 
-    def describe(self) -> str:
-        """One line for the run log: what the forwards compute in."""
+    def describe(self, built: str = "policy and reference") -> str:
+        """One line for the run log: what ``built`` (the models) are built and compute in."""
         if self.autocast is not None:
             how = f"{_name(self.autocast)} autocast"
         elif self.fsdp_param is not None:
@@ -34,7 +34,7 @@ class Precision:
             how = "DeepSpeed bf16 (parameters bfloat16, float32 master copy in the optimizer)"
         else:
             how = "no mixed precision"
-        return f"policy and reference built in {_name(self.master)}, {how}"
+        return f"{built} built in {_name(self.master)}, {how}"
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -268,7 +268,7 @@ def build(cfg: Config, *, local: bool = False) -> tuple[Run, loop.State]:
                               make_optimizer=optim.optimizer_factory(cfg.optim),
                               make_scheduler=optim.scheduler_factory(cfg.optim, total))
     state = loop.restore(resume, policy, info)
-    resolved = {"precision": precision.describe(), "attention": model.config._attn_implementation}
+    resolved = {"precision": precision.describe("model"), "attention": model.config._attn_implementation}
     metrics = Metrics(cfg.metrics, cfg.train.output_dir, total_steps=total, start_step=state.step,
                       enabled=info.is_main and not local, run_config={**cfg.to_dict(), "resolved": resolved},
                       panels=PLOT_PANELS)
