@@ -1,6 +1,10 @@
 """``python -m vr1fast.experiments.temporal --quick``: the plumbing (runs, CSVs, plot, reuse), not the result."""
 import csv
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +84,26 @@ def test_interval():
     mean, half = interval([0.5, 0.7, 0.6])
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
     assert math.isnan(interval([0.4])[1])
+
+
+def test_workers_die_with_the_experiment(tmp_path):
+    """A killed experiment takes its worker processes with it (they would train on, unread, to the end of a run)."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from vr1fast.experiments.temporal import _die_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=_die_with_parent, initargs=(os.getpid(),))\n"
+        "    open(sys.argv[1], 'w').write(str(pool.submit(os.getpid).result()))\n"
+        "    pool.submit(time.sleep, 60)\n"
+        "    time.sleep(0.5)\n"
+        "    os._exit(0)\n")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "pid")], check=True, timeout=60,
+                   stdout=subprocess.DEVNULL)   # no pipe the worker could hold open
+    worker = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists(), "the worker outlived the experiment's process"

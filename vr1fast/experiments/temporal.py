@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -128,6 +130,18 @@ def _job(kind: str, args: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker's initializer: on Linux the kernel kills it when the experiment's process dies (a killed parent
+    would otherwise leave it training, unread, to the end of its run; the next call starts that run again)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:                  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _final(out: Path, steps: int) -> Path:
     return out / "checkpoints" / f"step_{steps:06d}"
 
@@ -150,7 +164,8 @@ def run_all(plan: Plan, out: Path, jobs: int, variants: tuple[str, ...]) -> dict
     os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' OpenMP teams
     seconds: dict[str, float] = {}
     import multiprocessing
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         def submit(kind: str, args: list[str], where: Path, done: bool):
             if done:
                 return None
