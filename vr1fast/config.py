@@ -54,7 +54,7 @@ class DataConfig:
     eval_mode: bool = False               # eval prompt variant
     frame_cache: Optional[str] = None     # directory caching sampled, resized frames (vr1fast.data.frame_cache)
     frame_cache_gb: float = 100.0         # its size cap: least recently used entries are deleted past it
-    prefetch_workers: int = 0             # threads decoding the next micro-batches' media during the step; 0 = off
+    prefetch_workers: int = 0             # threads decoding (T-GRPO: and processing) the next micro-batches; 0 = off
     prefetch_depth: int = 2               # micro-batches decoded ahead of the one being consumed
 
 
