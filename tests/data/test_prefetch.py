@@ -33,21 +33,31 @@ def config(synthetic, **data):
     return cfg
 
 
-def calls(cfg, records, rank, world_size, steps, stream=None):
-    """``steps`` steps of ``grad_accum`` calls from the start, synchronous or through ``stream``."""
-    sampler, position, out = Sampler(len(records), cfg.train.seed, cfg.data.shuffle), Position(), []
+def run_calls(cfg, steps, fetch):
+    """``fetch(position, step, micro)`` for ``steps`` steps of ``grad_accum`` calls from the start, each from the
+    position the last returned; a ``MediaError`` ends the list as ``("error", message)``."""
+    position, out = Position(), []
     for step in range(steps):
         for micro in range(cfg.train.grad_accum):
-            seed = dist.step_seed(cfg.train.seed, step, rank, micro)
             try:
-                got = stream.next_prompts(position, seed) if stream else next_prompts(
-                    records, sampler, position, cfg, rank=rank, world_size=world_size, seed=seed)
+                got = fetch(position, step, micro)
             except MediaError as e:
                 out.append(("error", str(e)))
                 return out
             position = got[3]
             out.append(got)
     return out
+
+
+def calls(cfg, records, rank, world_size, steps, stream=None):
+    """``steps`` steps of ``grad_accum`` calls from the start, synchronous or through ``stream``."""
+    sampler = Sampler(len(records), cfg.train.seed, cfg.data.shuffle)
+
+    def fetch(position, step, micro):
+        seed = dist.step_seed(cfg.train.seed, step, rank, micro)
+        return stream.next_prompts(position, seed) if stream else next_prompts(
+            records, sampler, position, cfg, rank=rank, world_size=world_size, seed=seed)
+    return run_calls(cfg, steps, fetch)
 
 
 def same(a, b):
@@ -69,22 +79,15 @@ def stream_calls(cfg, records, rank, world_size, steps):
 def prepared_calls(cfg, records, rank, world_size, steps, stream=None, tokenizer=None):
     """``calls`` as the T-GRPO step makes them: with ``stream``, ``next_prepared`` (the pair made by a worker);
     without, ``next_prompts`` and ``train._prepare`` here (``tokenizer``)."""
-    sampler, position, out = Sampler(len(records), cfg.train.seed, cfg.data.shuffle), Position(), []
-    for step in range(steps):
-        for micro in range(cfg.train.grad_accum):
-            try:
-                if stream:
-                    got = stream.next_prepared(position, step, micro)
-                else:
-                    seed = _step_seed(cfg, rank, step, micro)
-                    got = next_prompts(records, sampler, position, cfg, rank=rank, world_size=world_size, seed=seed)
-                    got = (*got, _prepare(cfg, tokenizer, got[0], got[1], seed))
-            except MediaError as e:
-                out.append(("error", str(e)))
-                return out
-            position = got[3]
-            out.append(got)
-    return out
+    sampler = Sampler(len(records), cfg.train.seed, cfg.data.shuffle)
+
+    def fetch(position, step, micro):
+        if stream:
+            return stream.next_prepared(position, step, micro)
+        seed = _step_seed(cfg, rank, step, micro)
+        got = next_prompts(records, sampler, position, cfg, rank=rank, world_size=world_size, seed=seed)
+        return (*got, _prepare(cfg, tokenizer, got[0], got[1], seed))
+    return run_calls(cfg, steps, fetch)
 
 
 def same_pairs(a, b):
