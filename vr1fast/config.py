@@ -169,7 +169,7 @@ class RewardConfig:
     # These add it to the reward, where the group normalisation cancels it for 0/1 accuracy and equal other parts
     # (Video-R1 #51); advantage: if p > p~, +alpha on each correct completion's advantage after the normalisation
     temporal_mu: float = 0.8              # mu of the "code" rule
-    temporal_alpha: float = 0.3           # alpha, the temporal bonus
+    temporal_alpha: float = 0.3           # alpha, the temporal bonus (rule advantage: in advantage units)
     len_control: bool = True              # the length bonus
     len_bonus: float = 0.2                # omega
     len_min: int = 320                    # a correct completion of len_min..len_max tokens gets the length bonus

@@ -31,9 +31,10 @@ def test_cue_rates_and_schema(fade):
     for name, agree in (("cue_agree", True), ("cue_conflict", False)):
         rows = json.loads(fade.tests[name].read_text())
         assert len(rows) == 4 and all(r["cue_agrees"] is agree for r in rows)
-        assert all((r["cue"] == CUES["AB".index(r["solution"][8])]) is agree for r in rows)
-    for r in train:                                               # the cue field says what the frames show
-        assert (r["cue"] == CUES["AB".index(r["solution"][8])]) is r["cue_agrees"]
+        for r in rows:                                  # the decoded tint is the answer's (agree) or the other one's
+            frames = frames_of(fade.root, r)
+            tint = "red" if frames[..., 0].mean() > frames[..., 2].mean() else "blue"
+            assert (tint == CUES["AB".index(r["solution"][8])]) is agree, r
     sft = json.loads(fade.train_sft.read_text())
     assert [{k: v for k, v in r.items() if k != "process"} for r in sft] == train
     assert all(r["process"].startswith("<think>") and r["process"].endswith("</think>") for r in sft)
@@ -61,7 +62,19 @@ def test_direction_bar_moves_as_answered(tmp_path):
         bright = frames.mean(dim=3).amax(dim=1) > 200            # [T, W]: columns the white bar covers
         centre = [np.flatnonzero(b.numpy()).mean() for b in bright]
         assert (centre[-1] < centre[0]) == (r["solution"] == "<answer>A</answer>"), (r, centre)   # A = left
-        assert r["cue_agrees"]
+        corner = frames[:, :4, :4].mean(dim=(0, 1, 2))           # the background: the cue, here the answer's
+        assert ("red" if corner[0] > corner[2] else "blue") == CUES["AB".index(r["solution"][8])], (r, corner)
+
+
+def test_same_parameters_same_task(tmp_path):
+    """Two fresh folders with the same parameters hold the same records and decoded frames; another seed differs."""
+    a, b = (generate_temporal_task(tmp_path / n, n_train=3, n_test=2, seed=7) for n in ("a", "b"))
+    other = generate_temporal_task(tmp_path / "c", n_train=3, n_test=2, seed=8)
+    assert a.train.read_text() == b.train.read_text() and a.train_sft.read_text() == b.train_sft.read_text()
+    for ra, rb in zip(json.loads(a.train.read_text()), json.loads(b.train.read_text())):
+        assert torch.equal(frames_of(a.root, ra), frames_of(b.root, rb))
+    first = json.loads(a.train.read_text())[0]
+    assert not torch.equal(frames_of(a.root, first), frames_of(other.root, json.loads(other.train.read_text())[0]))
 
 
 def test_reused_and_regenerated(tmp_path):

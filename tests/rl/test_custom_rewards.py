@@ -106,3 +106,18 @@ def test_training_calls_a_custom_reward_by_name(user_module, synthetic, tmp_path
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[0]["rewards/logging_reward"] == 0.5
     assert len((tmp_path / "calls.log").read_text().splitlines()) == 2
+
+
+def test_advantage_rule_adds_alpha_after_normalising_the_custom_total(user_module):
+    """temporal_rule=advantage with a user reward: the group is normalised over accuracy + format + the user's
+    reward, then alpha goes to the correct completions (ordered 3/4 > shuffled 1/2); the total has no bonus."""
+    completions = ["<think>a</think><answer>B</answer>", "<answer>B</answer>", "<think>a</think><answer>B</answer>",
+                   "no"]
+    cfg = RewardConfig(reward_funcs=("accuracy", "format", f"{user_module}:brevity"), temporal_rule="advantage",
+                       len_control=False)
+    got = score_batch(completions, [9, 9, 9, 9], ["<answer>B</answer>"], ["multiple choice"],
+                      shuffled=[["<answer>B</answer>", "<answer>C</answer>"]], cfg=cfg)
+    total = torch.tensor([1.0 + 1 - 0.5, 1 + 0 - 0.5, 1 + 1 - 0.5, 0 + 0 + 0.25])
+    assert torch.equal(got.total, total)
+    expected = group_advantages(total, 4, cfg.adv_eps) + 0.3 * torch.tensor([1.0, 1, 1, 0])
+    torch.testing.assert_close(got.advantages, expected, rtol=0, atol=1e-7)

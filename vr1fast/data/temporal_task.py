@@ -97,7 +97,7 @@ def _item(kind: str, rng: np.random.Generator, agree: bool, T: int, H: int, W: i
 
 
 def generate_temporal_task(out_dir: str | Path, *, kind: str = "fade", n_train: int = 256, n_test: int = 64,
-                           cue_rate: float = 0.9, signal: float = 1.0, noise: float = 0.0, seed: int = 0,
+                           cue_rate: float = 0.8, signal: float = 0.5, noise: float = 0.1, seed: int = 0,
                            size: tuple[int, int] = (56, 56), frames: int = 8, fps: float = 2.0) -> TemporalTask:
     """Write (or reuse) the task under ``out_dir`` (module docstring). ``n_test`` is split evenly between the two
     halves; ``size`` is (width, height), even, at least 28. ``signal`` (0, 1] is the change from the first to the last

@@ -3,9 +3,11 @@
 One command, on the CPU: a task whose answers need frame order and whose training split carries a static shortcut
 (:mod:`vr1fast.data.temporal_task`: ``fade``, the scene gets brighter or darker, the tint predicting the answer for
 ``cue_rate`` of the training items and for half of the test items); per seed a warm start by ``vr1fast.sft`` on the
-training split (with this plan the warm-started model leans on the tint: the test items where the tint misleads are
-mostly answered wrong, as a video LLM that answers from one frame would); then, from that same checkpoint,
-``vr1fast.train`` RL runs of each variant on the same training split:
+training split (the warm starts differ by seed: some read the order, some lean on the tint and miss the test items
+where it misleads, as a video LLM that answers from one frame would); then, from that same checkpoint,
+``vr1fast.train`` RL runs of each variant on the same training split. The task is drawn once (its seed is 0): a
+seed varies the model's initialisation, the data order and the sampling, so the intervals leave out data variation.
+Variants:
 
 | variant | reward |
 |---|---|
@@ -19,7 +21,8 @@ Every ``eval_every`` steps the policy answers the two test halves greedily on or
 run: rewards, ``temporal_rewards``, ``temporal_adv_delta`` / ``_changed``, test accuracies), ``temporal_summary.csv``
 (per variant: the start and final test ordered / shuffled accuracy, their gap, the cue-conflict half's ordered
 accuracy, the fraction of video groups whose advantages the bonus moved, each as mean and 95% t-interval over the
-seeds) and ``temporal.png``. Each row carries the commit, date and machine. ``--quick`` runs the same plumbing at
+seeds, and each minus GRPO from the same warm start) and ``temporal.png``. Each row carries the commit, date and
+machine. ``--quick`` runs the same plumbing at
 toy size (CI); its numbers mean nothing.
 
 Runs go through the same entry points a user calls (``sft.run``, ``train.run``, ``eval.run.run`` with the config
@@ -37,6 +40,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -90,8 +94,9 @@ def sft_args(plan: Plan, data: Path, out: Path, seed: int) -> list[str]:
             f"--train.output_dir={out}", f"--train.save_every={plan.sft_steps}", "--train.log_every=10"]
 
 
-def eval_args(plan: Plan, data: Path, model: Path, out: Path) -> list[str]:
-    return ["--preset=demo", "--model.warmstart_steps=0", f"--model.path={model}", *VIDEO,
+def eval_args(plan: Plan, data: Path, model: Path, out: Path, seed: int) -> list[str]:
+    """The warm start's held-out eval, with the frame shuffles of the RL runs' evals (seeded by ``train.seed``)."""
+    return ["--preset=demo", "--model.warmstart_steps=0", f"--model.path={model}", *VIDEO, f"--train.seed={seed}",
             f"--eval.benchmarks={_list(data / f'eval_{h}.json' for h in HALVES)}", "--eval.shuffled=true",
             "--eval.sampling=greedy", f"--eval.max_new_tokens={plan.max_new_tokens}", "--eval.batch_size=32",
             f"--eval.output_dir={out}", "--eval.resume=false"]
@@ -100,7 +105,8 @@ def eval_args(plan: Plan, data: Path, model: Path, out: Path) -> list[str]:
 def rl_args(plan: Plan, data: Path, model: Path, out: Path, seed: int, variant: str) -> list[str]:
     return ["--preset=demo", "--model.warmstart_steps=0", f"--model.path={model}", f"--data.path={data / 'train.json'}",
             *VIDEO, *QUIET, *VARIANTS[variant], "--reward.len_control=false",
-            f"--rollout.num_generations={plan.generations}", f"--rollout.max_new_tokens={plan.max_new_tokens}",
+            f"--rollout.num_generations={plan.generations}", f"--rollout.num_shuffled={plan.generations // 2}",
+            f"--rollout.max_new_tokens={plan.max_new_tokens}",
             f"--optim.lr={plan.rl_lr}", f"--train.max_steps={plan.rl_steps}",
             f"--train.prompts_per_rank={plan.prompts}", f"--train.seed={seed}", f"--train.output_dir={out}",
             f"--train.save_every={plan.rl_steps}", "--metrics.samples_every=0",
@@ -124,6 +130,7 @@ def _job(kind: str, args: list[str], log: Path) -> float:
         try:
             code = {"sft": sft.run, "rl": train.run, "eval": eval_run.run}[kind](cli.parse(args))
         except Exception as error:
+            traceback.print_exc()
             raise RuntimeError(f"{kind} run failed: {type(error).__name__}: {error} (log {log})") from None
     if code:
         raise RuntimeError(f"{kind} run exited with {code} (log {log})")
@@ -150,10 +157,10 @@ def _prepare(plan: Plan, out: Path) -> Path:
     """The task under ``out/data`` (reused when it is there); refuses an ``out`` that holds another plan's runs."""
     from vr1fast.data.temporal_task import generate_temporal_task
     out.mkdir(parents=True, exist_ok=True)
-    stored, wanted = out / "plan.json", json.dumps(dataclasses.asdict(plan), indent=1)
-    if stored.is_file() and stored.read_text() != wanted:
+    stored, wanted = out / "plan.json", dataclasses.asdict(plan)
+    if stored.is_file() and {**json.loads(stored.read_text()), "seeds": plan.seeds} != wanted:  # seeds may grow
         raise SystemExit(f"vr1fast.experiments.temporal: {out} holds runs of another plan ({stored}); pass a new --out")
-    stored.write_text(wanted)
+    stored.write_text(json.dumps(wanted, indent=1))
     return generate_temporal_task(out / "data", kind=plan.kind, n_train=plan.n_train, n_test=plan.n_test,
                                   cue_rate=plan.cue_rate, signal=plan.signal, noise=plan.noise).root
 
@@ -180,7 +187,7 @@ def run_all(plan: Plan, out: Path, jobs: int, variants: tuple[str, ...]) -> dict
                 seconds["sft"] = seconds.get("sft", 0.0) + future.result()
             model = _final(out / f"sft-{seed}", plan.sft_steps) / "model"
             where = out / f"start-{seed}"
-            later.append(("eval", submit("eval", eval_args(plan, data, model, where), where,
+            later.append(("eval", submit("eval", eval_args(plan, data, model, where, seed), where,
                                          (where / f"{HALVES[-1]}.summary.json").is_file())))
             for variant in variants:
                 where = out / f"rl-{variant}-{seed}"
@@ -240,6 +247,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.seeds is not None:
         plan = dataclasses.replace(plan, seeds=args.seeds)
     plan = changed(plan, args.set, parser)
+    if min(plan.seeds, plan.rl_steps, plan.eval_every) < 1 or plan.rl_steps % plan.eval_every:
+        parser.error(f"the plan needs seeds, rl_steps and eval_every >= 1 and rl_steps a multiple of eval_every (the "
+                     f"final held-out numbers are the last step's), got {plan.seeds}, {plan.rl_steps}, "
+                     f"{plan.eval_every}")
     out, results = Path(args.out), Path(args.results or args.out)
     started = time.perf_counter()
     seconds = run_all(plan, out, max(1, args.jobs), variants)

@@ -124,8 +124,8 @@ class BatchRewards:
     accuracy: torch.Tensor     # [B*G] raw accuracy reward (no temporal bonus)
     format: torch.Tensor       # [B*G] format reward
     lengths: torch.Tensor      # [B*G] int64, tokens up to and including the first EOS
-    total: torch.Tensor        # [B*G] (accuracy + temporal) + format + length
-    advantages: torch.Tensor   # [B*G] group-normalised total
+    total: torch.Tensor        # [B*G] (accuracy + temporal) + format + length; rule "advantage": no temporal here
+    advantages: torch.Tensor   # [B*G] group-normalised total (rule "advantage": + the temporal bonus)
     temporal: torch.Tensor     # [B] 1.0 bonus fired / 0.0 not / 0.5 no shuffled group (image, or temporal off)
     group_std: torch.Tensor    # [B] unbiased std of each group's total
     group_size: int
