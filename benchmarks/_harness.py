@@ -26,7 +26,6 @@ import csv
 import datetime
 import importlib.metadata
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from vr1fast import provenance
 
 ROOT = Path(__file__).resolve().parent
 RATIOS = ["x_eager", "x_liger", "vs_bf16", "mem_ratio"]
@@ -173,22 +174,11 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-def _commit() -> str:
-    """Short commit (+dirty) of this checkout, else $VR1FAST_COMMIT (a copied tree without .git), else unknown."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("VR1FAST_COMMIT") or "unknown"
-
-
 def environment(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     return dict(gpu=gpu, torch=torch.__version__, triton=_version("triton"), liger=_version("liger-kernel"),
-                commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                commit=provenance.commit(ROOT),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def _sig(x: float) -> float:

@@ -8,9 +8,10 @@ import json
 import math
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
+
+from vr1fast.provenance import commit
 
 if TYPE_CHECKING:
     from vr1fast.experiments.temporal import Plan
@@ -111,17 +112,7 @@ def summary_rows(plan: Plan, rows: list[dict], variants: tuple[str, ...]) -> lis
 def provenance() -> dict[str, str]:
     """commit (``+dirty`` with uncommitted changes), UTC date, machine."""
     import torch
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit + ("+dirty" if dirty else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"}
 
 
