@@ -207,12 +207,13 @@ def _split(argv: list[str]) -> _Args:
     return out
 
 
-def _base(args: _Args) -> Config:
-    """The preset (named on the command line, else by the YAML file, else ``demo``) with the YAML file applied."""
+def _base(args: _Args, default_preset: str = DEFAULT_PRESET) -> Config:
+    """The preset (named on the command line, else by the YAML file, else ``default_preset``) with the YAML file
+    applied."""
     name = args.preset
     if name is None and args.config:
         name = _read_yaml(args.config).get("preset")
-    name = name or DEFAULT_PRESET
+    name = name or default_preset
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     cfg = PRESETS[name]()
@@ -221,13 +222,14 @@ def _base(args: _Args) -> Config:
     return cfg
 
 
-def parse(argv: list[str] | None, prog: str = "vr1fast") -> Config:
-    """``[--preset NAME] [--config FILE] [--section.key=value ...]`` → a validated Config.
+def parse(argv: list[str] | None, prog: str = "vr1fast", default_preset: str = DEFAULT_PRESET) -> Config:
+    """``[--preset NAME] [--config FILE] [--section.key=value ...]`` → a validated Config (``default_preset`` when
+    neither names one).
 
     ``-h``/``--help`` prints :func:`help_text` (defaults: the preset and YAML file named) and exits 0.
     """
     args = _split(list(argv or []))
-    cfg = _base(args)
+    cfg = _base(args, default_preset)
     if args.help:
         print(help_text(cfg, prog), flush=True)
         raise SystemExit(0)
@@ -237,8 +239,10 @@ def parse(argv: list[str] | None, prog: str = "vr1fast") -> Config:
     return cfg
 
 
-def run_main(fn: Callable[[Config], Optional[int]], argv: list[str] | None, prog: str) -> None:
-    """Parse ``argv`` (None: ``sys.argv[1:]``), call ``fn(cfg)``, and exit with its non-zero return code.
+def run_main(fn: Callable[[Config], Optional[int]], argv: list[str] | None, prog: str,
+             default_preset: str = DEFAULT_PRESET) -> None:
+    """Parse ``argv`` (None: ``sys.argv[1:]``; ``default_preset`` unless it names one), call ``fn(cfg)``, and exit
+    with its non-zero return code.
 
     An expected failure (:class:`Vr1fastError`, ``FileNotFoundError``) drops the process group without a barrier
     and prints ``prog: error: message`` on one line, then exits 2 for a ConfigError and 1 otherwise. A config
@@ -246,7 +250,7 @@ def run_main(fn: Callable[[Config], Optional[int]], argv: list[str] | None, prog
     hits it, with ``(rank R)`` when there are several ranks.
     """
     try:
-        code = fn(parse(sys.argv[1:] if argv is None else argv, prog))
+        code = fn(parse(sys.argv[1:] if argv is None else argv, prog, default_preset))
     except (Vr1fastError, FileNotFoundError) as e:
         from vr1fast import dist
         dist.abort()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,13 +301,10 @@ def run(cfg: Config) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m vr1fast.sft [ARGS]``: the ``sft_demo`` preset unless ``--preset`` or ``--config`` is given;
+    """``python -m vr1fast.sft [ARGS]``: the ``sft_demo`` preset unless ``--preset`` or the ``--config`` file names one;
     expected failures print one line naming the cause and exit non-zero (``cli.run_main``); ``--help`` lists
     every key."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--preset", "--config") for a in argv):
-        argv = ["--preset=sft_demo", *argv]
-    cli.run_main(run, argv, "vr1fast.sft")
+    cli.run_main(run, argv, "vr1fast.sft", default_preset="sft_demo")
 
 
 if __name__ == "__main__":

@@ -150,12 +150,11 @@ def run(cfg: Config) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m vr1fast.eval [ARGS]``: the ``videor1_eval`` preset unless ``--preset`` or ``--config`` is given
+    """``python -m vr1fast.eval [ARGS]``: the ``videor1_eval`` preset unless ``--preset`` or the ``--config`` file
+    names one
     (``--preset=demo`` evaluates with the demo's frames, prompt and sampling; its warm start is off, as for every
     preset here: eval never trains); expected failures print one line
     naming the cause (``cli.run_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.split("=")[0] in ("--preset", "--config") for a in argv):
-        argv = ["--preset=videor1_eval", *argv]
     # eval never warm-starts: the demo preset's model.warmstart_steps would refuse a model.path
-    cli.run_main(run, ["--model.warmstart_steps=0", *argv], "vr1fast.eval")
+    cli.run_main(run, ["--model.warmstart_steps=0", *argv], "vr1fast.eval", default_preset="videor1_eval")
