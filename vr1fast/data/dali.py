@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from vr1fast.config import VideoConfig
-from vr1fast.data.decode import clockwise_rotation, decode_frames, pyav
+from vr1fast.data.decode import CCW_TURNS, clockwise_rotation, decode_frames, one_line, pyav
 from vr1fast.data.video import Frames, decode_cpu, frame_size, resize_frames, sample_frame_indices
 from vr1fast.errors import MediaError, Vr1fastError
 
@@ -61,7 +61,6 @@ CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})  # DALI's CPU decoder (2.1.1 and
 GPU_CODECS = CPU_CODECS | {"h264", "hevc", "av1", "libdav1d", "mpeg4"}  # Mixed backend (NVDEC; AV1 not on Hopper)
 MAX_BATCH = 8     # videos per pipeline run
 NUM_THREADS = 2   # DALI CPU threads per pipeline
-_TURNS = {90: 3, 180: 2, 270: 1}  # clockwise rotation → counter-clockwise quarter turns (torch.rot90)
 
 
 class DaliNotInstalled(Vr1fastError, ImportError):
@@ -108,10 +107,6 @@ class VideoInfo:
     rotation: int    # clockwise degrees to turn the decoded frames, as vr1fast.data.decode reads it
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
 def _probe_pyav(path: str, timeout_s: float) -> VideoInfo:
     """Frame count and fps from vr1fast.data.decode itself (PyAV, first frame only: its rule, its timeout), then
     the codec, coded size and rotation from the stream and its first frame."""
@@ -124,7 +119,7 @@ def _probe_pyav(path: str, timeout_s: float) -> VideoInfo:
             first = next(container.decode(stream), None)
             rotation = clockwise_rotation(stream, first) if first is not None else 0
     except av.error.FFmpegError as e:
-        raise MediaError(path, _one_line(e)) from e
+        raise MediaError(path, one_line(e)) from e
     return VideoInfo(count.total_frames, count.video_fps, height, width, codec, rotation)
 
 
@@ -139,7 +134,7 @@ def probe(path: PathLike, timeout_s: float = VideoConfig.decode_timeout_s) -> Vi
     try:
         st = os.stat(path)
     except OSError as e:
-        raise MediaError(path, "no such file" if isinstance(e, FileNotFoundError) else _one_line(e)) from e
+        raise MediaError(path, "no such file" if isinstance(e, FileNotFoundError) else one_line(e)) from e
     if st.st_size == 0:
         raise MediaError(path, "empty file (0 bytes)")
     return _probe_cached(str(path), st.st_size, st.st_mtime_ns, timeout_s)
@@ -226,7 +221,7 @@ def _pyav(job: _Job, cfg: VideoConfig, device: Device) -> Frames:
 def _finish(job: _Job, frames: torch.Tensor, resized: bool) -> Frames:
     if not resized:
         frames = resize_frames(frames, *_coded_size(job))
-    turns = _TURNS.get(job.info.rotation, 0)
+    turns = CCW_TURNS.get(job.info.rotation, 0)
     if turns:
         frames = torch.rot90(frames, turns, dims=(1, 2)).contiguous()
     info = job.info
@@ -248,7 +243,7 @@ def _decode_batch(jobs: Sequence[_Job], key: tuple, cfg: VideoConfig) -> list[Fr
             _PIPELINES.pop(key, None)  # a failed run leaves the pipeline unusable
             if len(jobs) == 1:
                 logger.warning("DALI (%s) could not decode %s (%s): decoding it with PyAV", device, jobs[0].path,
-                               _one_line(e))
+                               one_line(e))
                 return [_pyav(jobs[0], cfg, device)]
     return [frames for job in jobs for frames in _decode_batch([job], key, cfg)]
 

@@ -72,7 +72,11 @@ def pyav():
     return av
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+CCW_TURNS = {90: 3, 180: 2, 270: 1}  # clockwise rotation → counter-clockwise quarter turns (rot90)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters (a MediaError's reason)."""
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -101,7 +105,7 @@ def clockwise_rotation(stream, first_frame) -> int:
 
 def _upright(frames: np.ndarray, clockwise: int) -> np.ndarray:
     """Turn [T, H, W, 3] frames clockwise by 90/180/270 degrees (np.rot90 turns counter-clockwise)."""
-    turns = {90: 3, 180: 2, 270: 1}.get(clockwise, 0)
+    turns = CCW_TURNS.get(clockwise, 0)
     return np.ascontiguousarray(np.rot90(frames, turns, axes=(1, 2))) if turns else frames
 
 
@@ -250,7 +254,7 @@ def _bounded(fn: Callable[[], DecodedVideo], path, timeout_s: float) -> DecodedV
     if isinstance(error, MediaError):
         raise error
     if isinstance(error, Exception):
-        raise MediaError(path, _one_line(error)) from error
+        raise MediaError(path, one_line(error)) from error
     if error is not None:
         raise error
     return box["result"]  # type: ignore[return-value]
