@@ -87,8 +87,9 @@ def _generate(model, tokenizer, prompts: list[Loaded], media: list[torch.Tensor]
 def _scored(prefix: str, text: str, sample: Sample, cfg: Config) -> dict:
     row = {f"{prefix}output": text, f"{prefix}prediction": prediction(text),
            f"{prefix}score": score(text, sample.solution, sample.problem_type, rules=cfg.eval.rules)}
-    if process(text):
-        row[f"{prefix}process"] = process(text)
+    thought = process(text)
+    if thought:
+        row[f"{prefix}process"] = thought
     return row
 
 

@@ -150,7 +150,9 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _final(out: Path, steps: int) -> Path:
-    return out / "checkpoints" / f"step_{steps:06d}"
+    """The checkpoint a run in ``out`` writes after ``steps`` steps (there once that run finished)."""
+    from vr1fast import ckpt
+    return ckpt.step_dir(ckpt.checkpoint_root(out), steps)
 
 
 def _prepare(plan: Plan, out: Path) -> Path:
